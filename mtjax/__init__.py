@@ -1,20 +1,26 @@
 """mtjax: differentiable physics of dual-polarizer magnetic tunnel junction neurons in JAX."""
 
-from mtjax import constants, physics, readout
+from mtjax import constants, physics, readout, variation
 from mtjax.analytic import analytic_response, current_scale, pulse_angles
+from mtjax.ensemble import pulse_ensemble
 from mtjax.params import DeviceParams
 from mtjax.solve import Trajectory, pulse_response, simulate
+from mtjax.variation import Spreads, sample_devices
 
 __all__ = [
     "DeviceParams",
+    "Spreads",
     "Trajectory",
     "analytic_response",
     "constants",
     "current_scale",
     "physics",
     "pulse_angles",
+    "pulse_ensemble",
     "pulse_response",
     "readout",
+    "sample_devices",
     "simulate",
+    "variation",
 ]
 __version__ = "0.1.0"
