@@ -12,7 +12,7 @@ from mtjax.solve import pulse_response
 
 def pulse_ensemble(
     params: DeviceParams,
-    currents: Float[ArrayLike, "n *2"],
+    currents: Float[ArrayLike, "n ..."],
     *,
     key: PRNGKeyArray | None = None,
     m0: Float[ArrayLike, "3"] | None = None,

@@ -333,9 +333,16 @@ def _masked_ce(logits, y, mask):
     return jnp.sum(jnp.where(mask, ce, 0.0)), w
 
 
-def _loss(params, static, x, y, mask, key):
-    total, w = _masked_ce(_logits(eqx.combine(params, static), x, key), y, mask)
-    return total / jnp.maximum(jnp.sum(w), 1.0)
+def cross_entropy(logits, x, y):
+    """Default per-example training loss: softmax cross-entropy with integer labels."""
+    del x
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+
+
+def _loss(params, static, x, y, mask, key, loss_fn):
+    per_example = loss_fn(_logits(eqx.combine(params, static), x, key), x, y)
+    w = mask.astype(jnp.float32)
+    return jnp.sum(jnp.where(mask, per_example, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)
 
 
 def _all_finite(tree) -> jax.Array:
@@ -349,10 +356,10 @@ def _strong(v):
 
 @eqx.filter_jit(donate="all-except-first")
 def _train_step(batch, model, opt_state, optimizer, spec):
-    x, y, mask, step, base_key = batch
+    x, y, mask, step, base_key, loss_fn = batch  # batch is never donated (loss_fn may hold arrays)
     params, static = eqx.partition(model, spec)
     key = jax.random.fold_in(base_key, step)
-    loss, grads = eqx.filter_value_and_grad(_loss)(params, static, x, y, mask, key)
+    loss, grads = eqx.filter_value_and_grad(_loss)(params, static, x, y, mask, key, loss_fn)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
     new_params = eqx.apply_updates(params, updates)
     loss_ok = jnp.isfinite(loss)
@@ -489,6 +496,7 @@ def train(
     filter_spec=None,
     progress: bool = True,
     stop_after_steps: int | None = None,
+    loss_fn=cross_entropy,
 ) -> TrainResult:
     """Train ``model`` on ``train_data = (x, y)``; evaluate on ``test_data`` each epoch.
 
@@ -499,6 +507,9 @@ def train(
     included, reaches this value. ``resume``: continue from ``out_dir/checkpoint.eqx`` if it
     exists (starts fresh otherwise); without ``resume`` an existing checkpoint and metrics are
     overwritten. The caller's ``model`` arrays are copied, never donated.
+    ``loss_fn(logits, x, y) -> per-example loss``: the training objective (default
+    `cross_entropy`; `mtjax.distill.DistillationLoss` for KD); it may be an Equinox module
+    holding arrays (a frozen teacher), which are never trained. Test metrics stay cross-entropy.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -571,7 +582,7 @@ def train(
                 leave=False, disable=not progress, position=1,
             ) as bar:  # fmt: skip
                 for xb, yb, mb in itertools.islice(it, first, None):
-                    batch = (xb, yb, mb, np.asarray(step, np.uint32), base_key)
+                    batch = (xb, yb, mb, np.asarray(step, np.uint32), base_key, loss_fn)
                     model, opt_state, loss, loss_ok, ok = _train_step(
                         batch, model, opt_state, optimizer, spec
                     )
