@@ -1,62 +1,78 @@
 """Fixed-step `lax.scan` integrators: the fast path for large forward ensembles.
 
-Classical RK4 (deterministic) and Stratonovich Heun (deterministic or thermal). The state
-is renormalized to |m| = 1 after every step. Equivalent Diffrax runs are the reference in
-tests; benchmarks/device_throughput.py measures the speed difference.
+Classical RK4 (deterministic) and Stratonovich Heun (deterministic or thermal). States have
+their 3 components on axis 0 and any batch axes after it, so one scan can advance a whole
+batch laid out as (3, n). The state is renormalized to |m| = 1 after every step. Diffrax
+runs are the reference in tests; benchmarks/device_throughput.py measures the speed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import jax
 import jax.numpy as jnp
 
+SCAN_SOLVERS = ("rk4_scan", "heun_scan")
 
-def _rk4_step(drift, m, t, h, args):
-    k1 = drift(t, m, args)
-    k2 = drift(t + h / 2, m + h / 2 * k1, args)
-    k3 = drift(t + h / 2, m + h / 2 * k2, args)
-    k4 = drift(t + h, m + h * k3, args)
+
+def normalize(m):
+    """m / |m| over axis 0."""
+    return m * jax.lax.rsqrt(jnp.sum(m * m, axis=0))
+
+
+def rk4_step(f, m, t, h):
+    """One classical RK4 step of dm/dt = f(t, m)."""
+    k1 = f(t, m)
+    k2 = f(t + h / 2, m + h / 2 * k1)
+    k3 = f(t + h / 2, m + h / 2 * k2)
+    k4 = f(t + h, m + h * k3)
     return m + h / 6 * (k1 + 2 * k2 + 2 * k3 + k4)
 
 
-def _heun_step(drift, diffusion, m, t, h, dw, args):
-    f0 = drift(t, m, args)
+def heun_step(f, g, m, t, h, dw):
+    """One Stratonovich Heun step of dm = f(t, m) dt + g(t, m, dW); `dw=None`: ODE Heun."""
+    f0 = f(t, m)
     if dw is None:
-        pred = m + h * f0
-        return m + h / 2 * (f0 + drift(t + h, pred, args))
-    g0 = diffusion(t, m, args) @ dw
+        return m + h / 2 * (f0 + f(t + h, m + h * f0))
+    g0 = g(t, m, dw)
     pred = m + h * f0 + g0
-    return (
-        m + h / 2 * (f0 + drift(t + h, pred, args)) + (g0 + diffusion(t + h, pred, args) @ dw) / 2
-    )
+    return m + h / 2 * (f0 + f(t + h, pred)) + (g0 + g(t + h, pred, dw)) / 2
 
 
-def scan_solve(drift, diffusion, m0, t1, n_steps: int, n_save: int, args, solver: str, key):
+def scan_solve(
+    drift: Callable,
+    noise: Callable | None,
+    m0,
+    t1,
+    n_steps: int,
+    n_save: int,
+    solver: str,
+    draw: Callable | None = None,
+):
     """States at `n_save` evenly spaced times of [0, t1] (t1 in the drift's time unit).
 
-    `n_steps` must be a multiple of `n_save - 1`. Thermal increments (if `key`) are drawn
-    per step from `fold_in(key, step)`, so results do not depend on batching.
+    `drift(t, m)`, `noise(t, m, dw)` (the diffusion applied to an increment), and
+    `draw(step) -> dW` (Brownian increments with unit variance per time unit; None: no
+    noise). `n_steps` must be a multiple of `n_save - 1`. Returns (n_save, *m0.shape).
     """
-    if solver not in ("rk4_scan", "heun_scan"):
-        raise ValueError(f"solver: unknown scan solver {solver!r}")
-    if solver == "rk4_scan" and key is not None:
+    if solver not in SCAN_SOLVERS:
+        raise ValueError(f"solver: unknown scan solver {solver!r}; choose from {SCAN_SOLVERS}")
+    if solver == "rk4_scan" and draw is not None:
         raise ValueError("solver='rk4_scan' is deterministic: use 'heun_scan' with a key")
     if n_save < 2 or n_steps % (n_save - 1):
         raise ValueError(f"steps ({n_steps}) must be a multiple of saveat - 1 ({n_save - 1})")
     per_save = n_steps // (n_save - 1)
     h = t1 / n_steps
 
-    def step(carry, i):
-        m = carry
+    def step(m, i):
         t = i * h
         if solver == "rk4_scan":
-            m = _rk4_step(drift, m, t, h, args)
+            m = rk4_step(drift, m, t, h)
         else:
-            dw = None
-            if key is not None:
-                dw = jnp.sqrt(h) * jax.random.normal(jax.random.fold_in(key, i), (3,), m.dtype)
-            m = _heun_step(drift, diffusion, m, t, h, dw, args)
-        return m / jnp.linalg.norm(m), None
+            dw = None if draw is None else jnp.sqrt(h) * draw(i)
+            m = heun_step(drift, noise, m, t, h, dw)
+        return normalize(m), None
 
     def segment(m, j):
         m, _ = jax.lax.scan(step, m, j * per_save + jnp.arange(per_save))

@@ -27,7 +27,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 from mtjax.constants import TIME_UNIT
 from mtjax.integrators import scan_solve
 from mtjax.params import DeviceParams
-from mtjax.physics import gamma0, llgs_rhs, thermal_diffusion
+from mtjax.physics import TorqueCoefficients, thermal_torque, torque, torque_coefficients
 
 ADAPTIVE_SOLVERS = ("tsit5",)
 FIXED_SOLVERS = ("heun", "rk4_scan", "heun_scan")
@@ -79,23 +79,51 @@ def _check_single(params: DeviceParams) -> None:
         )
 
 
-def _drift(t, m, args):
+class _Args(eqx.Module):
+    params: DeviceParams
+    drive: Drive
+    coeffs: TorqueCoefficients | None  # precomputed when the drive is constant
+
+
+def _make_args(params: DeviceParams, drive: Drive) -> _Args:
+    const = isinstance(drive, ConstantDrive)
+    return _Args(params, drive, torque_coefficients(params, drive.currents) if const else None)
+
+
+def _coeffs(t, args: _Args) -> TorqueCoefficients:
+    if args.coeffs is not None:
+        return args.coeffs
+    return torque_coefficients(args.params, args.drive(t * TIME_UNIT))
+
+
+def drift_ns(c: TorqueCoefficients, m):
     """dm/dt in 1/ns, plus (1 - |m|^2) m / ns: zero on the sphere, it pulls the solver's
-    norm drift back to |m| = 1 instead of letting it accumulate."""
-    params, drive = args
-    restore = (1 - jnp.dot(m, m)) * m
-    return TIME_UNIT * llgs_rhs(params, m, drive(t * TIME_UNIT)) + restore
+    norm drift back to |m| = 1 instead of letting it accumulate. Layout as `torque`."""
+    return TIME_UNIT * torque(c, m) + (1 - jnp.sum(m * m, axis=0)) * m
 
 
-def _diffusion(t, m, args):
-    """Matrix G with dm = G dW (W in ns): the thermal field through `field_torque`."""
-    params, _ = args
-    a = params.alpha
-    mx = jnp.array(
-        [[0.0, -m[2], m[1]], [m[2], 0.0, -m[0]], [-m[1], m[0], 0.0]], dtype=m.dtype
-    )  # mx @ h = m x h
-    scale = -gamma0(params) / (1 + a * a) * thermal_diffusion(params) * jnp.sqrt(TIME_UNIT)
-    return scale * (mx + a * mx @ mx)
+def noise_ns(c: TorqueCoefficients, m, dw):
+    """Thermal increment of m for a Brownian increment dw in sqrt(ns)."""
+    return jnp.sqrt(TIME_UNIT) * thermal_torque(c, m, dw)
+
+
+def _drift(t, m, args: _Args):
+    return drift_ns(_coeffs(t, args), m)
+
+
+def _noise(t, m, args: _Args, dw):
+    return noise_ns(_coeffs(t, args), m, dw)
+
+
+def _diffusion(t, m, args: _Args):
+    """Matrix G with dm = G dW for Diffrax: `_noise` is linear in dW."""
+    return jax.jacfwd(lambda dw: _noise(t, m, args, dw))(jnp.zeros_like(m))
+
+
+def scan_noise_draw(key: PRNGKeyArray, dtype) -> Callable:
+    """Brownian increments (unit variance) for step i: normal(fold_in(key, i), (3,)), so a
+    trajectory's noise depends only on its own key, not on batching or chunking."""
+    return lambda i: jax.random.normal(jax.random.fold_in(key, i), (3,), dtype)
 
 
 def _n_steps(t1, steps: int | None, dt: float | None) -> int:
@@ -136,14 +164,19 @@ def _solve(
         raise ValueError(f"m0: expected shape (3,), got {m0.shape}")
     m0 = m0 / jnp.linalg.norm(m0)
     t1n = jnp.asarray(t1, dtype=m0.dtype) / TIME_UNIT
-    args = (params, drive)
+    args = _make_args(params, drive)
 
     if isinstance(solver, str) and solver.endswith("_scan"):
         n = _n_steps(t1, steps, dt)
         if save_ts is not None:
             raise ValueError(f"solver={solver!r} saves on a uniform grid: pass saveat as an int")
         n_save = 2 if save_n is None else save_n
-        ms = scan_solve(_drift, _diffusion, m0, t1n, n, n_save, args, solver, key)
+        draw = None if key is None else scan_noise_draw(key, m0.dtype)
+        ms = scan_solve(
+            lambda t, m: _drift(t, m, args),
+            lambda t, m, dw: _noise(t, m, args, dw),
+            m0, t1n, n, n_save, solver, draw,
+        )  # fmt: skip
         ts = jnp.linspace(0.0, t1n, n_save)
         return (ts[-1:], ms[-1:]) if save_n is None else (ts, ms)
 

@@ -1,6 +1,10 @@
 """Stochastic LLGS: Boltzmann equilibrium, thermal pulse statistics, fast path vs Diffrax."""
 
+import io
 import math
+import os
+import subprocess
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -112,9 +116,51 @@ def test_ensemble_chunking_is_invisible():
     key = jax.random.key(6)
     a = pulse_ensemble(p, currents, key=key, steps=100, chunk_size=5)
     b = pulse_ensemble(p, currents, key=key, steps=100, chunk_size=1000)
-    np.testing.assert_array_equal(a, b)
-    det = pulse_ensemble(p, currents, steps=100, chunk_size=8)
-    ref = jax.vmap(lambda c: mtjax.pulse_response(p, c))(currents)
-    assert float(jnp.max(jnp.abs(det - ref))) < 1e-4
+    np.testing.assert_allclose(a, b, atol=1e-6)
+    # trajectory i is pulse_response with key split(key, n)[i]
+    keys = jax.random.split(key, 37)
+    ref = jax.vmap(lambda k, c: mtjax.pulse_response(p, c, key=k, solver="heun_scan", steps=100))(
+        keys, currents
+    )
+    np.testing.assert_allclose(a, ref, atol=1e-5)
     with pytest.raises(ValueError, match="currents"):
         pulse_ensemble(p, jnp.ones((3, 3)))
+
+
+def test_ensemble_matches_adaptive_solver_for_batched_devices():
+    p = mtjax.variation.sample_devices(
+        mtjax.DeviceParams.paper(hk=2e3, h_bias=(1e3, 0.0, 0.0)), jax.random.key(7), 9,
+        mtjax.Spreads.relative(0.1),
+    )  # fmt: skip
+    currents = jnp.stack([jnp.linspace(-2, 2, 9), jnp.linspace(0.5, -0.5, 9)], 1) * 8e-5
+    got = pulse_ensemble(p, currents, steps=1000, chunk_size=4)
+    ref = jax.vmap(mtjax.pulse_response)(p, currents)
+    assert float(jnp.max(jnp.abs(got - ref))) < 1e-4
+
+
+def test_ensemble_spreads_over_several_devices():
+    """Two CPU devices (one per core): same numbers as one device."""
+    code = (
+        "import jax, jax.numpy as jnp, numpy as np, mtjax;"
+        "assert jax.local_device_count() == 2;"
+        "p = mtjax.DeviceParams.paper();"
+        "c = jnp.linspace(-2, 2, 41) * mtjax.current_scale(p);"
+        "m = mtjax.pulse_ensemble(p, c, key=jax.random.key(0), steps=50, chunk_size=8);"
+        "import sys, io; b = io.BytesIO(); np.save(b, np.asarray(m));"
+        "sys.stdout.buffer.write(b.getvalue())"
+    )
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=2"}
+    out = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, check=True
+    ).stdout
+    two = np.load(io.BytesIO(out))
+    p = mtjax.DeviceParams.paper()
+    c = jnp.linspace(-2, 2, 41) * mtjax.current_scale(p)
+    one = pulse_ensemble(p, c, key=jax.random.key(0), steps=50, chunk_size=8)
+    np.testing.assert_allclose(two, one, atol=1e-6)
+
+
+def test_ensemble_nan_current_raises():
+    p = mtjax.DeviceParams.paper()
+    with pytest.raises(Exception, match="non-finite"):
+        jax.block_until_ready(pulse_ensemble(p, jnp.array([1e-5, jnp.nan]), steps=10))
