@@ -1,6 +1,6 @@
 """mtjax: differentiable physics of dual-polarizer magnetic tunnel junction neurons in JAX."""
 
-from mtjax import constants, physics, readout, variation
+from mtjax import constants, nn, physics, readout, variation
 from mtjax.analytic import analytic_response, current_scale, pulse_angles
 from mtjax.ensemble import pulse_ensemble
 from mtjax.params import DeviceParams
@@ -14,6 +14,7 @@ __all__ = [
     "analytic_response",
     "constants",
     "current_scale",
+    "nn",
     "physics",
     "pulse_angles",
     "pulse_ensemble",

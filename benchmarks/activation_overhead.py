@@ -1,0 +1,178 @@
+"""Training-step cost of MTJ activations vs software tanh; JSON to stdout.
+
+One training step = forward + backward + Optax Adam update of a 784-256-10 `mtjax.nn.MLP`
+on a batch of 256 random inputs (softmax cross-entropy), `eqx.filter_jit`-compiled. Every
+variant runs in this process on the same data: software `jnp.tanh`, then `MTJActivation`
+(paper device, shared by all neurons, derivative "mz2") in each mode, plus "table" with
+one device per neuron (Ms with a 5 % rms spread). Compile time is measured apart; the
+compiled step is timed `--repeats` times (`--slow-repeats` for ode/sde), round-robin over
+the variants (median, `block_until_ready`); "ratio" is relative to tanh.
+Goals on CPU: "table" <= 1.2x tanh, "ode" <= 20x.
+
+Usage: python benchmarks/activation_overhead.py [--repeats N] [--quick] [--out FILE]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import optax
+
+from mtjax import DeviceParams
+from mtjax.nn import MLP, MTJActivation, deploy, trainable
+
+SIZES = (784, 256, 10)
+BATCH = 256
+
+
+def _parse(argv):
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--repeats", type=int, default=21, help="timed steps for fast variants")
+    ap.add_argument("--slow-repeats", type=int, default=5, help="timed steps for ode/sde")
+    ap.add_argument("--quick", action="store_true", help="few repeats, skip sde (smoke test)")
+    ap.add_argument("--out", default=None, help="also write the JSON here (atomically)")
+    args = ap.parse_args(argv)
+    if args.quick:
+        args.repeats, args.slow_repeats = 3, 1
+    if args.repeats < 1 or args.slow_repeats < 1:
+        ap.error("repeats must be >= 1")
+    return args
+
+
+def _make_step(model, opt, needs_key):
+    params, static = eqx.partition(model, trainable(model))
+
+    @eqx.filter_jit
+    def step(params, opt_state, x, y, key):
+        def loss(p):
+            m = eqx.combine(p, static)
+            if needs_key:
+                keys = jax.random.split(key, x.shape[0])
+                logits = jax.vmap(lambda xi, k: m(xi, key=k))(x, keys)
+            else:
+                logits = jax.vmap(m)(x)
+            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+        value, grads = eqx.filter_value_and_grad(loss)(params)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return eqx.apply_updates(params, updates), opt_state, value
+
+    return params, step
+
+
+def _prepare(model, needs_key, x, y):
+    """Compile one variant; return (compile seconds, a zero-argument timed step)."""
+    opt = optax.adam(1e-3)
+    params, step = _make_step(model, opt, needs_key)
+    state = {"params": params, "opt": opt.init(params), "i": 0, "loss": None}
+    key = jax.random.key(1)
+
+    def run():
+        k = jax.random.fold_in(key, state["i"])
+        out = step(state["params"], state["opt"], x, y, k)
+        jax.block_until_ready(out)
+        state["params"], state["opt"], state["loss"] = out
+        state["i"] += 1
+
+    t0 = time.perf_counter()
+    run()
+    return time.perf_counter() - t0, run, state
+
+
+def _settings(act):
+    if not isinstance(act, MTJActivation):
+        return "software"
+    text = f"mode={act.mode}, derivative={act.derivative}"
+    if act.mode in ("ode", "sde", "table"):
+        text += f", {act.solver} {act.steps} steps"
+    if act.mode == "table":
+        text += f", {act.n_grid} nodes, cubic Hermite"
+    if act.n_devices:
+        text += f", {act.n_devices} devices"
+    return text
+
+
+def main(argv=None):
+    args = _parse(argv)
+    kx, ky, km, kp = jax.random.split(jax.random.key(0), 4)
+    x = jax.random.normal(kx, (BATCH, SIZES[0]))
+    y = jax.random.randint(ky, (BATCH,), 0, SIZES[-1])
+    base = MLP(SIZES, jnp.tanh, key=km)
+    paper = DeviceParams.paper()
+    spread = DeviceParams.paper(Ms=1e6 * (1 + 0.05 * jax.random.normal(kp, (SIZES[1],))))
+
+    variants = [("tanh", jnp.tanh, False, args.repeats)]
+    for mode in ("ideal", "analytic", "table"):
+        variants.append((mode, MTJActivation(paper, mode=mode), False, args.repeats))
+    per_neuron = MTJActivation(spread, mode="table")
+    variants.append(("table_per_neuron", per_neuron, False, args.repeats))
+    variants.append(("ode", MTJActivation(paper, mode="ode"), False, args.slow_repeats))
+    if not args.quick:
+        variants.append(("sde", MTJActivation(paper, mode="sde"), True, args.slow_repeats))
+
+    prepared = {}
+    for name, act, needs_key, repeats in variants:
+        compile_s, run, state = _prepare(deploy(base, act), needs_key, x, y)
+        prepared[name] = (run, state, repeats, compile_s, [])
+    # round-robin, so that background load affects every variant alike
+    for r in range(max(v[2] for v in prepared.values())):
+        for run, _, repeats, _, times in prepared.values():
+            if r < repeats:
+                t0 = time.perf_counter()
+                run()
+                times.append(time.perf_counter() - t0)
+    results = {}
+    for (name, act, _, _), (_, state, repeats, compile_s, times) in zip(
+        variants, prepared.values(), strict=True
+    ):
+        results[name] = {
+            "step_ms": 1e3 * statistics.median(times),
+            "min_ms": 1e3 * min(times),
+            "compile_s": compile_s,
+            "repeats": repeats,
+            "loss": float(state["loss"]),
+            "settings": _settings(act),
+        }
+        print(f"{name}: {results[name]['step_ms']:.2f} ms", file=sys.stderr)
+    ref = results["tanh"]["step_ms"]
+    for r in results.values():
+        r["ratio"] = r["step_ms"] / ref
+
+    report = {
+        "benchmark": "activation_overhead",
+        "model": "MLP 784-256-10, batch 256, Adam, softmax cross-entropy",
+        "device": "DeviceParams.paper(); table_per_neuron: 256 devices, Ms 5 % rms",
+        "results": results,
+        "goals": {
+            "table_le_1.2x_tanh": results["table"]["ratio"] <= 1.2,
+            "ode_le_20x_tanh": results["ode"]["ratio"] <= 20,
+        },
+        "platform": {
+            "jax": jax.__version__,
+            "backend": jax.default_backend(),
+            "cpu_count": os.cpu_count(),
+            "python": platform.python_version(),
+            "machine": platform.machine(),
+        },
+    }
+    text = json.dumps(report, indent=2)
+    print(text)
+    if args.out:
+        d = os.path.dirname(os.path.abspath(args.out))
+        with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as f:
+            f.write(text + "\n")
+        os.replace(f.name, args.out)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,446 @@
+"""`MTJActivation`: a layer of dual-polarizer MTJ neurons used as a neural-network activation.
+
+Signal chain, per neuron and per evaluation:
+
+1. Driver: the pre-activation z (dimensionless) is clipped to [-z_max, z_max] and converted
+   into a P1 current I = z * input_scale (A). The driver saturates at
+   I_max = z_max * input_scale; beyond it the output is flat and the gradient w.r.t. z is 0.
+   `input_scale` defaults to `current_scale` of the (nominal / mean) device, so the nominal
+   device sees u = z and device-to-device variation shows up as a gain u/z != 1.
+2. Device: one pulse from m = +z gives the magnetization m (mode-dependent model below).
+3. Read-out: both junctions are read through their TMR conductance
+   G_k = G0_k (1 + TMR_k/(2+TMR_k) m.p_k) and converted back with
+   `mtjax.readout.projection_from_conductance`. The activation is the P1 read-out m.p1
+   (normalized so that the ideal paper device gives exactly tanh(z)); the P2 read-out
+   m.p2 (~ sech(z) cos(psi)) is the device's own derivative signal.
+
+Read noise: additive Gaussian noise on each read conductance with standard deviation
+`read_noise * G0_k * TMR_k/(2+TMR_k)`, i.e. `read_noise` is the noise standard deviation in
+units of the normalized signal m.p_k, whose range is [-1, 1] (read_noise = 0.01: the
+activation fluctuates by 0.01 rms). It is drawn per call from `key`, independently for both
+junctions and every neuron, and also enters the "mz"/"mz2" derivatives.
+
+Modes (same API, different fidelity and speed):
+
+- "ode": `pulse_response` for every neuron and every call, vmapped (default `rk4_scan`,
+  10 steps; `chunk` > 0 solves that many neurons at a time with `lax.map`).
+- "sde": the same with the thermal field (`heun_scan`, 200 steps; needs `key`).
+- "table": m.p1(z), m.p2(z) precomputed per device by the "ode" solver on a uniform grid
+  over [-z_max, z_max] and evaluated by cubic Hermite interpolation (129 nodes; slopes from
+  4th-order differences; max error vs "ode" ~1.5e-6). `rebuild()` recomputes the tables
+  from the current params (differentiably).
+- "analytic": closed form m.p1 = tanh(u), m.p2 = sech(u) cos(psi) with the per-device
+  (u, psi) of `mtjax.pulse_angles` (per-device gain u/z = input_scale / I_s(device) and
+  precession psi/u; no offset: the closed form assumes zero effective field).
+- "ideal": software tanh(z) and sech(z), ignoring params.
+
+Derivative (gradient of the activation w.r.t. z):
+
+- "mz2": m.p2**2 of the same evaluation (incl. its read noise); ~ sech^2(u) = d tanh/du.
+- "mz": m.p2 (~ sech(u)), the literal read-out of the paper.
+- "autodiff": true derivative of the simulated forward curve.
+
+"mz2"/"mz" use the raw device signal, as hardware would: no factor du/dz = input_scale /
+I_s(device) is applied, so for a device whose gain differs from 1 they are d tanh/du, not
+dy/dz. Gradients w.r.t. device parameters (and `input_scale`) always flow through the
+physics by autodiff when `train_device=True`; with the default `train_device=False` every
+device-side array is wrapped in `jax.lax.stop_gradient`.
+"""
+
+from __future__ import annotations
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
+
+from mtjax.analytic import current_scale, pulse_angles
+from mtjax.params import DeviceParams
+from mtjax.physics import unit
+from mtjax.readout import mean_conductance, projection_from_conductance
+from mtjax.solve import SOLVERS, pulse_response
+
+MODES = ("ode", "sde", "table", "analytic", "ideal")
+DERIVATIVES = ("mz2", "mz", "autodiff")
+#: rk4_scan steps of the "ode" mode: smallest count with max |error| <= 1e-4 vs tsit5
+#: (rtol = atol = 1e-8) on |z| <= 6 for the paper device (10 steps: 1.4e-6 in m_x,
+#: 4.1e-5 in m_z; 8 steps: 1.1e-4 in m_z). Devices with strong effective fields
+#: (anisotropy, bias) precess faster and need more `steps`.
+DEFAULT_ODE_STEPS = 10
+#: heun_scan steps of the "sde" mode (5 ps at tau = 1 ns).
+DEFAULT_SDE_STEPS = 200
+DEFAULT_N_GRID = 129
+DEFAULT_Z_MAX = 6.0
+#: Neurons per `lax.map` chunk in "ode"/"sde"; 0 = one vmap over all neurons (fastest on
+#: CPU with the current solver; a chunk bounds memory, e.g. for "autodiff" through "sde").
+DEFAULT_CHUNK = 0
+
+
+class ResponseTable(eqx.Module):
+    """Piecewise-cubic response curves of one device or a batch of devices.
+
+    `coef[..., i, :]` holds the cubic coefficients (c0, c1, c2, c3) of m.p1 followed by those
+    of m.p2 on the grid interval i, in the local coordinate t in [0, 1]:
+    value = c0 + c1 t + c2 t^2 + c3 t^3. The grid is uniform over [-z_max, z_max].
+    """
+
+    coef: Float[Array, "*batch n_interval 8"]
+
+
+def _check_mode_args(mode, derivative, solver, steps, n_grid, z_max, read_noise):
+    if mode not in MODES:
+        raise ValueError(f"mode: unknown {mode!r}; choose from {MODES}")
+    if derivative not in DERIVATIVES:
+        raise ValueError(f"derivative: unknown {derivative!r}; choose from {DERIVATIVES}")
+    if mode == "sde" and solver not in ("heun", "heun_scan"):
+        raise ValueError(f"solver: mode='sde' needs 'heun' or 'heun_scan', got {solver!r}")
+    if solver not in SOLVERS:
+        raise ValueError(f"solver: unknown {solver!r}; choose from {SOLVERS}")
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps: must be a positive integer, got {steps!r}")
+    if int(n_grid) != n_grid or n_grid < 3:
+        raise ValueError(f"n_grid: must be an integer >= 3, got {n_grid!r}")
+    if not (np.isfinite(z_max) and z_max > 0):
+        raise ValueError(f"z_max: must be finite and > 0, got {z_max!r}")
+    if not (np.isfinite(read_noise) and read_noise >= 0):
+        raise ValueError(f"read_noise: must be finite and >= 0, got {read_noise!r}")
+
+
+def _pulse(params: DeviceParams, current, key, solver: str, steps: int):
+    """m.p1, m.p2 after one pulse of one device."""
+    m = pulse_response(
+        params, current, key=key, solver=solver, steps=None if solver == "tsit5" else steps
+    )
+    return jnp.stack([jnp.dot(m, unit(params.p1)), jnp.dot(m, unit(params.p2))])
+
+
+def build_table(
+    params: DeviceParams,
+    input_scale: Float[ArrayLike, ""],
+    z_max: float = DEFAULT_Z_MAX,
+    n_grid: int = DEFAULT_N_GRID,
+    *,
+    solver: str = "rk4_scan",
+    steps: int = DEFAULT_ODE_STEPS,
+) -> ResponseTable:
+    """Tabulate m.p1(z), m.p2(z) of every device on `n_grid` points of [-z_max, z_max].
+
+    Pure and differentiable w.r.t. `params` and `input_scale` (call it inside a loss for
+    co-design). Cubic Hermite pieces; node slopes are 4th-order central differences of
+    the node values (two extra nodes beyond each end)."""
+    return _build_table(params, input_scale, float(z_max), int(n_grid), solver, int(steps))
+
+
+@eqx.filter_jit
+def _build_table(params, input_scale, z_max, n_grid, solver, steps):
+    h = 2 * z_max / (n_grid - 1)
+    # nodes -z_max - 2h ... z_max + 2h: the two extra on each side give every node a
+    # 4th-order central-difference slope
+    zs = jnp.linspace(-z_max - 2 * h, z_max + 2 * h, n_grid + 4, dtype=jnp.result_type(float))
+
+    def one_device(p):
+        y = jax.vmap(lambda z: _pulse(p, z * input_scale, None, solver, steps))(zs)
+        d = (y[:-4] - 8 * y[1:-3] + 8 * y[3:-1] - y[4:]) / 12  # h * dy/dz, (n_grid, 2)
+        y = y[2:-2]
+        y0, y1, d0, d1 = y[:-1], y[1:], d[:-1], d[1:]
+        c = jnp.stack([y0, d0, 3 * (y1 - y0) - 2 * d0 - d1, 2 * (y0 - y1) + d0 + d1], axis=-1)
+        return c.reshape(n_grid - 1, 8)  # (interval, [p1 c0..c3, p2 c0..c3])
+
+    fn = one_device
+    for _ in params.batch_shape:
+        fn = jax.vmap(fn)
+    return ResponseTable(coef=fn(params))
+
+
+def _interp(coef: Array, z: Array, z_max: float, with_p2: bool):
+    """Evaluate the piecewise cubic at z (already clipped). `coef`: (n_int, 8) or (n, n_int, 8)
+    with z of shape (n,)."""
+    n_int = coef.shape[-2]
+    s = (z + z_max) * (n_int / (2 * z_max))
+    i = jnp.clip(jnp.floor(s), 0, n_int - 1).astype(jnp.int32)
+    t = s - i
+    if coef.ndim == 2:
+        c = coef[i]
+    else:
+        c = coef[jnp.arange(coef.shape[0]), i]
+
+    def horner(c4):
+        return c4[..., 0] + t * (c4[..., 1] + t * (c4[..., 2] + t * c4[..., 3]))
+
+    p1 = horner(c[..., :4])
+    p2 = horner(c[..., 4:]) if with_p2 else None
+    return p1, p2
+
+
+class _Config(eqx.Module):
+    """Static settings of one evaluation (hashable; passed as a non-differentiable arg)."""
+
+    mode: str = eqx.field(static=True)
+    derivative: str = eqx.field(static=True)
+    z_max: float = eqx.field(static=True)
+    read_noise: float = eqx.field(static=True)
+    solver: str = eqx.field(static=True)
+    steps: int = eqx.field(static=True)
+    chunk: int = eqx.field(static=True)
+
+
+def _device_projections(cfg: _Config, dev, z: Array, sde_key, with_p2: bool):
+    """Noise-free m.p1, m.p2 of every neuron (p2 may be None when not needed)."""
+    params, input_scale, table = dev
+    if cfg.mode == "ideal":
+        return jnp.tanh(z), (1 / jnp.cosh(z) if with_p2 else None)
+    if cfg.mode == "analytic":
+        u, psi = pulse_angles(params, z * input_scale)
+        return jnp.tanh(u), (jnp.cos(psi) / jnp.cosh(u) if with_p2 else None)
+    if cfg.mode == "table":
+        return _interp(table.coef, z, cfg.z_max, with_p2)
+    # "ode" / "sde": one solve per neuron
+    shared = params.batch_shape == ()
+    flat = z.reshape(-1) if shared else z
+    if cfg.mode == "sde":
+        keys = jax.random.split(sde_key, flat.shape[0])
+    else:
+        keys = None
+
+    def solve(p, zz, k):
+        return _pulse(p, zz * input_scale, k, cfg.solver, cfg.steps)
+
+    if cfg.chunk and flat.shape[0] > cfg.chunk:
+        # lax.map over chunks of neurons (vmapped inside a chunk); under an outer jax.vmap
+        # over examples a chunk also spans the batch.
+        def solve_chunk(args):
+            p, zz, k = args
+            return solve(params if shared else p, zz, k)
+
+        m = jax.lax.map(solve_chunk, (None if shared else params, flat, keys), batch_size=cfg.chunk)
+    else:
+        in_axes = (None if shared else 0, 0, None if keys is None else 0)
+        m = jax.vmap(solve, in_axes=in_axes)(params, flat, keys)
+    p1, p2 = m[:, 0].reshape(z.shape), m[:, 1].reshape(z.shape)
+    return p1, (p2 if with_p2 else None)
+
+
+def _read(params: DeviceParams, proj: Array, polarizer: int, read_noise: float, noise):
+    """TMR read-out of m.p with Gaussian conductance noise, back in units of m.p."""
+    if read_noise == 0:
+        return proj
+    tmr = params.tmr1 if polarizer == 1 else params.tmr2
+    g0 = mean_conductance(params, polarizer)
+    swing = g0 * tmr / (2 + tmr)
+    g = g0 + swing * proj + read_noise * swing * noise
+    return projection_from_conductance(params, g, polarizer)
+
+
+def _response(cfg: _Config, dev, z: Array, noise, sde_key, with_p2: bool):
+    """(activation, m.p2 read-out) of one evaluation; the second is None if not `with_p2`."""
+    p1, p2 = _device_projections(cfg, dev, z, sde_key, with_p2)
+    if cfg.read_noise == 0:
+        return p1, p2
+    if cfg.mode == "ideal":
+        p1 = p1 + cfg.read_noise * noise[0]
+        return p1, (p2 + cfg.read_noise * noise[1] if with_p2 else None)
+    params = dev[0]
+    p1 = _read(params, p1, 1, cfg.read_noise, noise[0])
+    if with_p2:
+        p2 = _read(params, p2, 2, cfg.read_noise, noise[1])
+    return p1, p2
+
+
+@eqx.filter_custom_vjp
+def _custom_activation(vjp_arg, cfg, noise, sde_key):
+    z, dev = vjp_arg
+    return _response(cfg, dev, z, noise, sde_key, with_p2=False)[0]
+
+
+@_custom_activation.def_fwd
+def _custom_activation_fwd(perturbed, vjp_arg, cfg, noise, sde_key):
+    z, dev = vjp_arg
+    dev_perturbed = any(jax.tree_util.tree_leaves(perturbed[1]))
+    if dev_perturbed:
+        # Same evaluation for the output, the m.p2 residual and the device-parameter vjp.
+        def f(d):
+            return _response(cfg, d, z, noise, sde_key, with_p2=True)
+
+        y, vjp_fn, p2 = eqx.filter_vjp(f, dev, has_aux=True)
+        return y, (p2, vjp_fn)
+    y, p2 = _response(cfg, dev, z, noise, sde_key, with_p2=True)
+    return y, (p2, None)
+
+
+@_custom_activation.def_bwd
+def _custom_activation_bwd(residuals, g, perturbed, vjp_arg, cfg, noise, sde_key):
+    p2, vjp_fn = residuals
+    factor = p2 * p2 if cfg.derivative == "mz2" else p2
+    g_z = g * factor
+    _, dev = vjp_arg
+    if vjp_fn is None:
+        g_dev = jax.tree_util.tree_map(lambda _: None, dev)
+    else:
+        (g_dev,) = vjp_fn(g)
+    return g_z, g_dev
+
+
+class MTJActivation(eqx.Module):
+    """A layer of MTJ neurons: `act(z, key=key)` maps pre-activations z to the P1 read-out.
+
+    `z` is one example's pre-activation vector (n,) (any shape for a shared device); map
+    over a batch with `jax.vmap`. See the module docstring for the signal chain, the modes,
+    the derivative choices and the read-noise units.
+    """
+
+    params: DeviceParams
+    input_scale: Float[Array, ""]
+    table: ResponseTable | None
+    mode: str = eqx.field(static=True)
+    derivative: str = eqx.field(static=True)
+    z_max: float = eqx.field(static=True)
+    read_noise: float = eqx.field(static=True)
+    solver: str = eqx.field(static=True)
+    steps: int = eqx.field(static=True)
+    n_grid: int = eqx.field(static=True)
+    chunk: int = eqx.field(static=True)
+    train_device: bool = eqx.field(static=True)
+
+    def __init__(
+        self,
+        params: DeviceParams | None = None,
+        *,
+        mode: str = "table",
+        derivative: str = "mz2",
+        input_scale: Float[ArrayLike, ""] | None = None,
+        z_max: float = DEFAULT_Z_MAX,
+        read_noise: float = 0.0,
+        solver: str | None = None,
+        steps: int | None = None,
+        n_grid: int = DEFAULT_N_GRID,
+        chunk: int = DEFAULT_CHUNK,
+        train_device: bool = False,
+    ):
+        """`params`: one device (shared by all neurons) or a batch (n,) of devices, one per
+        neuron; default `DeviceParams.paper()`. `input_scale` (A per unit z): default
+        `current_scale` of the device (mean over a batch). `z_max`: driver saturation,
+        I_max = z_max * input_scale. `read_noise`: std of the read-out noise in units of the
+        normalized signal. `solver`/`steps`: pulse solver of "ode"/"table" (default
+        rk4_scan, 10 steps) and "sde" (heun_scan, 200 steps). `n_grid`: table nodes.
+        `chunk`: "ode"/"sde" solve this many neurons at a time (`lax.map`; 0 = all).
+        `train_device`: let gradients reach params/input_scale (co-design)."""
+        params = DeviceParams.paper() if params is None else params
+        if not isinstance(params, DeviceParams):
+            raise TypeError(f"params: expected DeviceParams, got {type(params).__name__}")
+        if len(params.batch_shape) > 1:
+            raise ValueError(
+                f"params: expected one device or a 1-D batch (one per neuron), "
+                f"got batch shape {params.batch_shape}"
+            )
+        if solver is None:
+            solver = "heun_scan" if mode == "sde" else "rk4_scan"
+        if steps is None:
+            steps = DEFAULT_SDE_STEPS if mode == "sde" else DEFAULT_ODE_STEPS
+        z_max, read_noise = float(z_max), float(read_noise)
+        _check_mode_args(mode, derivative, solver, steps, n_grid, z_max, read_noise)
+        if input_scale is None:
+            input_scale = jnp.mean(current_scale(params))
+        input_scale = jnp.asarray(input_scale, dtype=jnp.result_type(float))
+        if input_scale.shape != ():
+            raise ValueError(f"input_scale: expected a scalar (A), got shape {input_scale.shape}")
+        if not isinstance(input_scale, jax.core.Tracer) and not float(input_scale) > 0:
+            raise ValueError(f"input_scale: must be > 0 (A), got {float(input_scale)}")
+        self.params = params
+        self.input_scale = input_scale
+        self.mode = mode
+        self.derivative = derivative
+        self.z_max = z_max
+        self.read_noise = read_noise
+        self.solver = solver
+        self.steps = int(steps)
+        self.n_grid = int(n_grid)
+        if int(chunk) != chunk or chunk < 0:
+            raise ValueError(f"chunk: must be an integer >= 0, got {chunk!r}")
+        self.chunk = int(chunk)
+        self.train_device = bool(train_device)
+        self.table = None
+        if mode == "table":
+            self.table = build_table(
+                params, input_scale, z_max, self.n_grid, solver=solver, steps=self.steps
+            )
+
+    @property
+    def n_devices(self) -> int | None:
+        """Number of per-neuron devices, or None for one shared device."""
+        return self.params.batch_shape[0] if self.params.batch_shape else None
+
+    @property
+    def max_current(self) -> Float[Array, ""]:
+        """Driver saturation current I_max = z_max * input_scale (A)."""
+        return self.z_max * self.input_scale
+
+    def rebuild(self) -> MTJActivation:
+        """Copy with the tables recomputed from the current params and input_scale
+        (differentiable: call inside a loss for co-design). No-op unless mode == "table"."""
+        if self.mode != "table":
+            return self
+        table = build_table(
+            self.params,
+            self.input_scale,
+            self.z_max,
+            self.n_grid,
+            solver=self.solver,
+            steps=self.steps,
+        )
+        return eqx.tree_at(lambda a: a.table, self, table)
+
+    def _prepare(self, z, key):
+        z = jnp.asarray(z)
+        if not jnp.issubdtype(z.dtype, jnp.floating):
+            z = z.astype(jnp.result_type(float))
+        n = self.n_devices
+        if n is not None and z.shape != (n,):
+            raise ValueError(
+                f"z: shape {z.shape} does not match the {n} per-neuron devices; expected ({n},)"
+                " (map over a batch with jax.vmap)"
+            )
+        if self.mode == "sde" and key is None:
+            raise ValueError("key: mode='sde' (thermal) needs a PRNG key")
+        if self.read_noise > 0 and key is None:
+            raise ValueError(f"key: read_noise={self.read_noise} > 0 needs a PRNG key")
+        z = eqx.error_if(
+            z, ~jnp.all(jnp.isfinite(z)), "MTJActivation: non-finite pre-activation z (NaN/inf)"
+        )
+        # driver saturation: flat (zero gradient) strictly beyond +-z_max
+        z = jnp.where(jnp.abs(z) <= self.z_max, z, jnp.sign(z) * self.z_max)
+        noise, sde_key = None, None
+        if key is not None and (self.read_noise > 0 or self.mode == "sde"):
+            k_noise, sde_key = jax.random.split(key)
+            if self.read_noise > 0:
+                noise = jax.random.normal(k_noise, (2,) + z.shape, z.dtype)
+        dev = (self.params, self.input_scale, self.table)
+        if not self.train_device:
+            dev = jax.lax.stop_gradient(dev)
+        cfg = _Config(
+            self.mode,
+            self.derivative,
+            self.z_max,
+            self.read_noise,
+            self.solver,
+            self.steps,
+            self.chunk,
+        )
+        return cfg, dev, z, noise, sde_key
+
+    def __call__(
+        self, z: Float[ArrayLike, "*n"], *, key: PRNGKeyArray | None = None
+    ) -> Float[Array, "*n"]:
+        """Activation m.p1 read from the device(s) for pre-activations `z`."""
+        cfg, dev, z, noise, sde_key = self._prepare(z, key)
+        if self.derivative == "autodiff":
+            return _response(cfg, dev, z, noise, sde_key, with_p2=False)[0]
+        return _custom_activation((z, dev), cfg, noise, sde_key)
+
+    def read(
+        self, z: Float[ArrayLike, "*n"], *, key: PRNGKeyArray | None = None
+    ) -> tuple[Float[Array, "*n"], Float[Array, "*n"]]:
+        """Both read-outs (m.p1, m.p2) of one evaluation; with the same `key` the first equals
+        `self(z, key=key)` and the second is the signal the "mz"/"mz2" derivatives use."""
+        cfg, dev, z, noise, sde_key = self._prepare(z, key)
+        return _response(cfg, dev, z, noise, sde_key, with_p2=True)
