@@ -20,7 +20,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 import equinox as eqx
@@ -29,6 +28,7 @@ import jax.numpy as jnp
 import optax
 
 from mtjax import DeviceParams
+from mtjax.fileio import atomic_write_bytes
 from mtjax.nn import MLP, MTJActivation, deploy, trainable
 
 SIZES = (784, 256, 10)
@@ -168,10 +168,7 @@ def main(argv=None):
     text = json.dumps(report, indent=2)
     print(text)
     if args.out:
-        d = os.path.dirname(os.path.abspath(args.out))
-        with tempfile.NamedTemporaryFile("w", dir=d, delete=False, suffix=".tmp") as f:
-            f.write(text + "\n")
-        os.replace(f.name, args.out)
+        atomic_write_bytes(args.out, (text + "\n").encode())
 
 
 if __name__ == "__main__":

@@ -25,7 +25,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 
 if "XLA_FLAGS" not in os.environ:  # one JAX CPU device per core, before jax is imported
@@ -36,6 +35,7 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
 from mtjax import DeviceParams, current_scale, pulse_ensemble, pulse_response  # noqa: E402
+from mtjax.fileio import atomic_write_bytes  # noqa: E402
 
 T_PULSE = 1e-9
 DET_STEPS = 1000  # 1 ps
@@ -297,30 +297,12 @@ def run(args) -> dict:
     return result
 
 
-def _write_atomic(path: str, text: str) -> None:
-    directory = os.path.dirname(os.path.abspath(path))
-    os.makedirs(directory, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".tmp_", suffix=".json")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except FileNotFoundError:
-            pass
-        raise
-
-
 def main(argv=None) -> int:
     args = _parse(argv)
     text = json.dumps(run(args), indent=2)
     print(text)
     if args.out:
-        _write_atomic(args.out, text + "\n")
+        atomic_write_bytes(args.out, (text + "\n").encode())
     return 0
 
 

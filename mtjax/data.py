@@ -30,12 +30,13 @@ import math
 import os
 import pickle
 import struct
-import tempfile
 import zlib
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
+
+from mtjax.fileio import atomic_write_bytes
 
 __all__ = [
     "DEBIAN_FASHION_MNIST_DIR",
@@ -471,18 +472,6 @@ def batches(
 # --------------------------------------------------------------------------- writers
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def write_idx(path: StrPath, array: np.ndarray) -> Path:
     """Write an unsigned-byte IDX file (gzip-compressed if ``path`` ends in ``.gz``)."""
     path = Path(path)
@@ -497,7 +486,7 @@ def write_idx(path: StrPath, array: np.ndarray) -> Path:
     data = header + np.ascontiguousarray(a).tobytes()
     if path.name.endswith(".gz"):
         data = gzip.compress(data, mtime=0)
-    _atomic_write(path, data)
+    atomic_write_bytes(path, data)
     return path
 
 
@@ -548,5 +537,5 @@ def write_cifar100_python(
         b"coarse_label_names": [s.encode() for s in coarse_names],
     }
     for filename, obj in files.items():
-        _atomic_write(folder / filename, pickle.dumps(obj, protocol=2))
+        atomic_write_bytes(folder / filename, pickle.dumps(obj, protocol=2))
     return folder

@@ -50,7 +50,6 @@ import itertools
 import json
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -64,6 +63,7 @@ import optax
 from tqdm.auto import tqdm
 
 from mtjax import data as _data
+from mtjax.fileio import atomic_write_bytes
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -407,19 +407,6 @@ def evaluate(model, x, y, batch_size: int, *, key: jax.Array | None = None) -> t
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _save_checkpoint(path: Path, header: dict[str, Any], tree) -> None:
     buf = io.BytesIO()
     eqx.tree_serialise_leaves(buf, tree)
@@ -431,9 +418,9 @@ def _save_checkpoint(path: Path, header: dict[str, Any], tree) -> None:
         "payload_sha256": hashlib.sha256(payload).hexdigest(),
     }
     line = json.dumps(header, sort_keys=True, allow_nan=False).encode()
-    _atomic_write(path, line + b"\n" + payload)
+    atomic_write_bytes(path, line + b"\n" + payload)
     sidecar = json.dumps({**header, "checkpoint": path.name}, sort_keys=True, indent=2)
-    _atomic_write(path.with_name(SIDECAR_NAME), sidecar.encode() + b"\n")
+    atomic_write_bytes(path.with_name(SIDECAR_NAME), sidecar.encode() + b"\n")
 
 
 def load_checkpoint(path: StrPath, like) -> tuple[dict[str, Any], Any]:
@@ -464,7 +451,7 @@ def read_metrics(path: StrPath) -> list[dict[str, Any]]:
 
 def _write_metrics(path: Path, records: Sequence[dict[str, Any]]) -> None:
     text = "".join(json.dumps(r, allow_nan=True) + "\n" for r in records)
-    _atomic_write(path, text.encode())
+    atomic_write_bytes(path, text.encode())
 
 
 def _check_resumable(header: dict[str, Any], config: TrainConfig, fingerprint: str, path) -> None:
@@ -700,7 +687,7 @@ def plot_history(history: Sequence[dict[str, Any]], path: StrPath) -> Path:
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     path.parent.mkdir(parents=True, exist_ok=True)
-    _atomic_write(path, buf.getvalue())
+    atomic_write_bytes(path, buf.getvalue())
     return path
 
 

@@ -1,0 +1,195 @@
+"""Experiment building blocks shared by `scripts/train.py` and `scripts/reproduce.py`.
+
+A `RunSpec` names one training run (data, MLP sizes, activation and device settings); `run`
+trains it with `mtjax.train.train` and returns a JSON-able summary. Device settings:
+`variation` is the relative spread of `mtjax.variation.Spreads.relative` (one sampled
+device per hidden neuron), `read_noise` is in units of the normalized read-out signal,
+`temperature > 0` switches the neurons to thermal (`mode="sde"`) simulation.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from mtjax import data as _data
+from mtjax import train as _train
+from mtjax.analytic import current_scale
+from mtjax.fileio import atomic_write_bytes, atomic_write_json  # noqa: F401  (scripts)
+from mtjax.nn import MLP, MTJActivation, deploy, trainable
+from mtjax.params import DeviceParams
+from mtjax.variation import Spreads, sample_devices
+
+DATASETS = ("fashion_mnist", "cifar100")
+ACTIVATIONS = ("tanh", "mtj")
+
+
+@dataclasses.dataclass(frozen=True)
+class RunSpec:
+    """One training run. `sizes` = MLP layer sizes incl. input (H*W*C) and classes."""
+
+    dataset: str = "fashion_mnist"
+    sizes: tuple[int, ...] = (784, 256, 10)
+    activation: str = "tanh"
+    mode: str = "table"
+    derivative: str = "mz2"
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 1e-3
+    seed: int = 0
+    variation: float = 0.0
+    read_noise: float = 0.0
+    temperature: float = 0.0
+    train_subset: int | None = None
+    test_subset: int | None = None
+
+    def __post_init__(self):
+        if self.dataset not in DATASETS:
+            raise ValueError(f"dataset: unknown {self.dataset!r}; known: {', '.join(DATASETS)}")
+        if self.activation not in ACTIVATIONS:
+            raise ValueError(f"activation: unknown {self.activation!r}; known: {ACTIVATIONS}")
+        if len(self.sizes) < 2 or min(self.sizes) < 1:
+            raise ValueError(f"sizes: need at least (n_in, n_out), all >= 1, got {self.sizes}")
+        for name in ("variation", "read_noise", "temperature"):
+            value = getattr(self, name)
+            if not (np.isfinite(value) and value >= 0):
+                raise ValueError(f"{name}: must be finite and >= 0, got {value}")
+
+    def config(self) -> _train.TrainConfig:
+        return _train.TrainConfig(
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed
+        )
+
+
+def load_arrays(
+    dataset: str,
+    *,
+    data_dir: str | os.PathLike | None = None,
+    train_subset: int | None = None,
+    test_subset: int | None = None,
+    label: str = "fine",
+):
+    """Normalized float32 `(x, y)` train and test arrays (first `*_subset` examples)."""
+    out = []
+    for split, subset in (("train", train_subset), ("test", test_subset)):
+        x, y = _data.load(dataset, split, data_dir=data_dir, label=label)
+        if subset is not None:
+            x, y = x[:subset], y[:subset]
+        out.append((_data.normalize(x), np.asarray(y)))
+    return tuple(out)
+
+
+def make_activation(spec: RunSpec, width: int, key: jax.Array):
+    """`jnp.tanh` or an `MTJActivation` for a hidden layer of `width` neurons."""
+    if spec.activation == "tanh":
+        return jnp.tanh
+    nominal = DeviceParams.paper(temperature=spec.temperature)
+    params = nominal
+    if spec.variation > 0:
+        spreads = Spreads.relative(
+            spec.variation, distribution="normal" if spec.variation < 1 / 3 else "lognormal"
+        )
+        params = sample_devices(nominal, key, width, spreads)
+    return MTJActivation(
+        params,
+        mode="sde" if spec.temperature > 0 else spec.mode,
+        derivative=spec.derivative,
+        read_noise=spec.read_noise,
+        input_scale=current_scale(nominal),  # the circuit is designed for the nominal device
+    )
+
+
+def hidden_activations(spec: RunSpec, key: jax.Array) -> list:
+    """One activation per hidden layer (independent devices per layer)."""
+    widths = spec.sizes[1:-1]
+    keys = jax.random.split(key, max(len(widths), 1))
+    return [make_activation(spec, w, k) for w, k in zip(widths, keys, strict=False)]
+
+
+def make_model(spec: RunSpec) -> MLP:
+    k_model, k_dev = jax.random.split(jax.random.key(spec.seed))
+    return MLP(spec.sizes, hidden_activations(spec, k_dev), key=k_model)
+
+
+def run(
+    spec: RunSpec,
+    train_data,
+    test_data,
+    *,
+    out_dir: str | os.PathLike | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    model: eqx.Module | None = None,
+) -> tuple[dict[str, Any], _train.TrainResult]:
+    """Train `spec` (or the given initial `model`); return (summary, TrainResult)."""
+    n_in = int(np.prod(train_data[0].shape[1:]))
+    if spec.sizes[0] != n_in:
+        raise ValueError(f"sizes: first size {spec.sizes[0]} != input size {n_in} of the data")
+    model = make_model(spec) if model is None else model
+    result = _train.train(
+        model,
+        train_data,
+        test_data,
+        spec.config(),
+        out_dir=out_dir,
+        resume=resume,
+        progress=progress,
+        filter_spec=trainable(model),
+    )
+    summary = {
+        "spec": dataclasses.asdict(spec),
+        "test_accuracy": result.test_accuracy,
+        "test_loss": result.test_loss,
+        "wall_time_s": result.wall_time,
+        "steps": result.step,
+    }
+    return summary, result
+
+
+def evaluate_with(model, spec: RunSpec, test_data, *, key_seed: int = 1234) -> float:
+    """Accuracy of `model`'s weights with the hidden activations of `spec` (deploy, no
+    retraining); noisy activations are evaluated with a fixed key."""
+    acts = hidden_activations(spec, jax.random.key(spec.seed + 10_000))
+    deployed = deploy(model, acts)
+    _, acc = _train.evaluate(deployed, *test_data, 1000, key=jax.random.key(key_seed))
+    return acc
+
+
+def mean_std(values: Sequence[float]) -> dict[str, float]:
+    v = np.asarray(values, dtype=np.float64)
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0}
+
+
+def plot_curves(histories: dict[str, list[dict]], path: str | os.PathLike) -> Path:
+    """Test accuracy per epoch of several runs (label -> `TrainResult.history`), PNG."""
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 3.5))
+    for label, history in histories.items():
+        epochs = [r for r in history if r.get("event") == "epoch"]
+        ax.plot(
+            [r["epoch"] for r in epochs], [100 * r["test_accuracy"] for r in epochs], "o-",
+            label=label,
+        )  # fmt: skip
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test accuracy (%)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=120)
+    plt.close(fig)
+    return atomic_write_bytes(path, buf.getvalue())

@@ -1,0 +1,109 @@
+"""Train MLPs with software tanh and/or MTJ neurons in the loop; report test accuracy and gap.
+
+With no flags: Fashion-MNIST, 784-256-10, a software-tanh MLP and an MTJ MLP (device
+forward from the paper device's response table, device m_z^2 derivative), same seed; prints
+both accuracies and the gap and writes results.json, metrics and training curves to --out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import time
+from pathlib import Path
+
+from mtjax import experiments
+from mtjax.nn.activation import DERIVATIVES, MODES
+from mtjax.train import plot_history
+
+
+def _sizes(text: str) -> tuple[int, ...]:
+    try:
+        sizes = tuple(int(s) for s in text.split("-"))
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected sizes like 784-256-10, got {text!r}") from None
+    if len(sizes) < 2 or min(sizes) < 1:
+        raise argparse.ArgumentTypeError(f"need at least two sizes >= 1, got {text!r}")
+    return sizes
+
+
+def _nonneg(text: str) -> float:
+    value = float(text)
+    if not value >= 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    return value
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {text}")
+    return value
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--dataset", default="fashion_mnist", choices=experiments.DATASETS)
+    ap.add_argument("--data-dir", default=None, help="folder with the raw dataset files")
+    ap.add_argument("--model", type=_sizes, default=(784, 256, 10), help="MLP sizes, 784-256-10")
+    ap.add_argument("--activation", default="both", choices=("tanh", "mtj", "both"))
+    ap.add_argument("--mode", default=None, choices=MODES, help="MTJ model (default table)")
+    ap.add_argument("--derivative", default="mz2", choices=DERIVATIVES)
+    ap.add_argument("--epochs", type=_positive_int, default=10)
+    ap.add_argument("--batch-size", type=_positive_int, default=128)
+    ap.add_argument("--lr", type=float, default=1e-3)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--variation", type=_nonneg, default=0.0, help="relative device spread")
+    ap.add_argument("--read-noise", type=_nonneg, default=0.0, help="std, normalized signal")
+    ap.add_argument("--temperature", type=_nonneg, default=0.0, help="K; > 0 implies --mode sde")
+    ap.add_argument("--train-subset", type=_positive_int, default=None)
+    ap.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
+    ap.add_argument("--resume", action="store_true", help="continue the runs in --out")
+    ap.add_argument("--no-progress", action="store_true")
+    args = ap.parse_args(argv)
+    if not args.lr > 0:
+        ap.error(f"--lr must be > 0, got {args.lr}")
+    if args.temperature > 0 and args.mode not in (None, "sde"):
+        ap.error(f"--temperature is thermal simulation: use --mode sde, not {args.mode}")
+    args.mode = args.mode or ("sde" if args.temperature > 0 else "table")
+    if args.resume and args.out is None:
+        ap.error("--resume needs --out")
+    return args
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    train_data, test_data = experiments.load_arrays(
+        args.dataset, data_dir=args.data_dir, train_subset=args.train_subset
+    )
+    base = experiments.RunSpec(
+        dataset=args.dataset, sizes=args.model, mode=args.mode, derivative=args.derivative,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+        variation=args.variation, read_noise=args.read_noise, temperature=args.temperature,
+        train_subset=args.train_subset,
+    )  # fmt: skip
+    kinds = ("tanh", "mtj") if args.activation == "both" else (args.activation,)
+    results, histories = {}, {}
+    for kind in kinds:
+        spec = dataclasses.replace(base, activation=kind)
+        summary, res = experiments.run(
+            spec, train_data, test_data, out_dir=out / kind, resume=args.resume,
+            progress=not args.no_progress,
+        )  # fmt: skip
+        results[kind], histories[kind] = summary, res.history
+        plot_history(res.history, out / kind / "training_curves.png")
+        print(f"{kind}: test accuracy {100 * summary['test_accuracy']:.2f} %", flush=True)
+    report = {"results": results}
+    if len(kinds) == 2:
+        gap = results["tanh"]["test_accuracy"] - results["mtj"]["test_accuracy"]
+        report["gap_pp"] = 100 * gap
+        print(f"gap (software - MTJ): {100 * gap:+.2f} percentage points")
+    experiments.plot_curves(histories, out / "training_curves.png")
+    experiments.atomic_write_json(out / "results.json", report)
+    print(f"wrote {out / 'results.json'}")
+    return report
+
+
+if __name__ == "__main__":
+    main()
