@@ -65,3 +65,17 @@ def test_device_demo_prints_table():
     for _u, _, mx, tanh, mz, sech in rows:
         assert abs(float(mx) - float(tanh)) < 1e-4
         assert abs(float(mz) - float(sech)) < 1e-3
+
+
+def test_reproduce_quick_smoke(tmp_path):
+    main = runpy.run_path(str(ROOT / "scripts" / "reproduce.py"))["main"]
+    report = main(["--quick", "--skip-cifar", "--no-progress", "--out", str(tmp_path)])
+    table = (tmp_path / "paper_reproduction.md").read_text()
+    for name in ("(i) MLP trained", "(ii) worst cell", "(iii) FMNIST MLP", "small CNN", "KD:"):
+        assert name in table
+    saved = json.loads((tmp_path / "paper_reproduction.json").read_text())
+    assert saved["rows"] == report["rows"]
+    rob = json.loads((tmp_path / "robustness.json").read_text())
+    assert len(rob["accuracy_pp"]["inference"]) == len(rob["variation"])
+    assert (tmp_path / "robustness.png").stat().st_size > 1000
+    assert saved["cifar100"] == "skipped (--skip-cifar)"

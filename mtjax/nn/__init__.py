@@ -1,8 +1,9 @@
 """Neural-network layers built on the MTJ device model.
 
 `MTJActivation` (device neurons as an activation, five modes, device-read-out derivatives),
-`MLP`, `deploy` (swap activations, keep weights), `rebuild_tables` and `trainable` (for
-co-design and optimizers with weight decay).
+`MLP`, the convolutional `SmallCNN`, `ResNetFeatures`, `HeadedClassifier` and `cifar_model`,
+`deploy` (swap activations, keep weights), `rebuild_tables` and `trainable` (for co-design
+and optimizers with weight decay).
 """
 
 from mtjax.nn.activation import (
@@ -12,15 +13,20 @@ from mtjax.nn.activation import (
     ResponseTable,
     build_table,
 )
+from mtjax.nn.cnn import HeadedClassifier, ResNetFeatures, SmallCNN, cifar_model
 from mtjax.nn.models import MLP, deploy, rebuild_tables, trainable
 
 __all__ = [
     "DERIVATIVES",
+    "HeadedClassifier",
     "MLP",
     "MODES",
     "MTJActivation",
+    "ResNetFeatures",
     "ResponseTable",
+    "SmallCNN",
     "build_table",
+    "cifar_model",
     "deploy",
     "rebuild_tables",
     "trainable",

@@ -1,4 +1,5 @@
-"""Models with MTJ (or software) activations: `MLP`, `deploy`, and training helpers.
+"""Models with MTJ (or software) activations: `MLP`, `deploy` (also for the models of
+`mtjax.nn.cnn`), and training helpers.
 
 Like every Equinox module here, a model maps ONE example; use `jax.vmap` for batches.
 """
@@ -82,11 +83,46 @@ class MLP(eqx.Module):
         return self.layers[-1](x)
 
 
-def deploy(model: MLP, activation: Activation | Sequence[Activation]) -> MLP:
+def deploy(
+    model: PyTree,
+    activation: Activation | Sequence[Activation],
+    *,
+    conv_activation: Activation | Sequence[Activation] | None = None,
+) -> PyTree:
     """The same weights with a different activation (e.g. software tanh -> `MTJActivation`):
-    the transfer-learning entry point. Per-neuron devices must match the layer widths."""
-    widths = [layer.out_features for layer in model.layers[:-1]]
-    return eqx.tree_at(lambda m: m.activations, model, _per_layer(activation, widths))
+    the transfer-learning entry point. Dispatches on the model type:
+
+    - `MLP`: `activation` (one, or one per hidden layer) replaces its hidden activations.
+      Per-neuron devices must match the layer widths.
+    - `mtjax.nn.HeadedClassifier`: replaces the head's (`MLP`) activations; the features
+      are untouched.
+    - `mtjax.nn.SmallCNN`: `activation` replaces the head's activations and, unless
+      `conv_activation` is given, the conv activations too. Conv layers need a shared device
+      (or a software callable): a per-neuron `MTJActivation` there raises ValueError, so pass
+      per-neuron devices for the head with `conv_activation=` a shared one.
+
+    `conv_activation` is only accepted for `SmallCNN`. Every weight leaf is kept as is."""
+    from mtjax.nn.cnn import HeadedClassifier, SmallCNN, _conv_activations
+
+    if isinstance(model, MLP):
+        if conv_activation is not None:
+            raise ValueError("conv_activation: an MLP has no conv layers")
+        widths = [layer.out_features for layer in model.layers[:-1]]
+        return eqx.tree_at(lambda m: m.activations, model, _per_layer(activation, widths))
+    if isinstance(model, HeadedClassifier):
+        if conv_activation is not None:
+            raise ValueError("conv_activation: a HeadedClassifier only deploys its head")
+        return eqx.tree_at(lambda m: m.head, model, deploy(model.head, activation))
+    if isinstance(model, SmallCNN):
+        conv = activation if conv_activation is None else conv_activation
+        what = "activation" if conv_activation is None else "conv_activation"
+        conv_acts = _conv_activations(conv, len(model.convs), what)
+        model = eqx.tree_at(lambda m: m.head, model, deploy(model.head, activation))
+        return eqx.tree_at(lambda m: m.conv_activations, model, conv_acts)
+    raise TypeError(
+        f"deploy: unsupported model type {type(model).__name__}; expected MLP, "
+        "HeadedClassifier or SmallCNN"
+    )
 
 
 def _is_mtj(x) -> bool:
