@@ -300,7 +300,7 @@ def _decode_names(path: Path, obj: dict, key: bytes, n: int) -> list[str]:
 
 @functools.lru_cache(maxsize=4)
 def _load_tfds(
-    name: str, split: str, data_dir: str | None, label: str
+    name: str, split: str, data_dir: str | None, label: str, download: bool = True
 ) -> tuple[np.ndarray, np.ndarray]:
     """Load through tensorflow-datasets; raise `_SourceUnavailable` with the reasons on failure."""
     key = "coarse_label" if label == "coarse" else "label"
@@ -310,14 +310,16 @@ def _load_tfds(
         raise _SourceUnavailable(f"cannot import tensorflow_datasets: {e}") from e
     errors = []
     try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir)
+        source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
         examples = [source[i] for i in range(len(source))]
         images = np.stack([np.asarray(ex["image"]) for ex in examples])
         labels = np.asarray([ex[key] for ex in examples])
     except Exception as e:
         errors.append(f"tfds.data_source: {type(e).__name__}: {e}")
         try:
-            ds = tfds.as_numpy(tfds.load(name, split=split, data_dir=data_dir, batch_size=-1))
+            ds = tfds.as_numpy(
+                tfds.load(name, split=split, data_dir=data_dir, batch_size=-1, download=download)
+            )
             images, labels = np.asarray(ds["image"]), np.asarray(ds[key])
         except Exception as e2:
             errors.append(f"tfds.load: {type(e2).__name__}: {e2}")
@@ -349,11 +351,17 @@ def _how_to_get(name: str) -> str:
 
 
 def load(
-    name: str, split: str, *, data_dir: StrPath | None = None, label: str = "fine"
+    name: str,
+    split: str,
+    *,
+    data_dir: StrPath | None = None,
+    label: str = "fine",
+    download: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return read-only ``(images uint8 (N,H,W,C), labels int32 (N,))`` for ``split``.
 
     ``label`` selects CIFAR-100's ``"fine"`` (100) or ``"coarse"`` (20) classes.
+    ``download=False`` lets tensorflow-datasets use only data it has already prepared.
     """
     _check_args(name, split, label)
     desc, folder = _user_dir(data_dir)
@@ -381,7 +389,7 @@ def load(
             return got
     tfds_dir = None if folder is None else str(folder)
     try:
-        got = attempt("tensorflow-datasets", _load_tfds, name, split, tfds_dir, label)
+        got = attempt("tensorflow-datasets", _load_tfds, name, split, tfds_dir, label, download)
         if got is not None:
             return got
     except DataFormatError:

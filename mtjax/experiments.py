@@ -23,7 +23,7 @@ import numpy as np
 from mtjax import data as _data
 from mtjax import train as _train
 from mtjax.analytic import current_scale
-from mtjax.fileio import atomic_write_bytes, atomic_write_json  # noqa: F401  (scripts)
+from mtjax.fileio import atomic_write_json, new_figure, save_figure  # noqa: F401  (scripts)
 from mtjax.nn import MLP, MTJActivation, deploy, trainable
 from mtjax.params import DeviceParams
 from mtjax.variation import Spreads, sample_devices
@@ -76,11 +76,13 @@ def load_arrays(
     train_subset: int | None = None,
     test_subset: int | None = None,
     label: str = "fine",
+    download: bool = True,
 ):
-    """Normalized float32 `(x, y)` train and test arrays (first `*_subset` examples)."""
+    """Normalized float32 `(x, y)` train and test arrays (first `*_subset` examples);
+    `download` is passed to `mtjax.data.load` (tensorflow-datasets may fetch the data)."""
     out = []
     for split, subset in (("train", train_subset), ("test", test_subset)):
-        x, y = _data.load(dataset, split, data_dir=data_dir, label=label)
+        x, y = _data.load(dataset, split, data_dir=data_dir, label=label, download=download)
         if subset is not None:
             x, y = x[:subset], y[:subset]
         out.append((_data.normalize(x), np.asarray(y)))
@@ -170,14 +172,8 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
 
 def plot_curves(histories: dict[str, list[dict]], path: str | os.PathLike) -> Path:
     """Test accuracy per epoch of several runs (label -> `TrainResult.history`), PNG."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(5, 3.5))
+    fig = new_figure(figsize=(5, 3.5), layout="constrained")
+    ax = fig.subplots()
     for label, history in histories.items():
         epochs = [r for r in history if r.get("event") == "epoch"]
         ax.plot(
@@ -188,8 +184,4 @@ def plot_curves(histories: dict[str, list[dict]], path: str | os.PathLike) -> Pa
     ax.set_ylabel("test accuracy (%)")
     ax.grid(alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path)

@@ -30,3 +30,22 @@ def atomic_write_json(path: str | os.PathLike, obj: Any) -> Path:
     """`obj` as indented JSON (NaN/inf refused), written atomically."""
     text = json.dumps(obj, indent=2, allow_nan=False) + "\n"
     return atomic_write_bytes(path, text.encode())
+
+
+def save_figure(fig, path: str | os.PathLike, dpi: int = 120) -> Path:
+    """Render a `matplotlib.figure.Figure` to PNG and write it atomically."""
+    import io
+
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=dpi)
+    return atomic_write_bytes(path, buf.getvalue())
+
+
+def new_figure(**kwargs):
+    """A pyplot-free Agg `Figure` (no global state, safe in scripts and threads)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(**kwargs)
+    FigureCanvasAgg(fig)
+    return fig

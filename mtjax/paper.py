@@ -23,7 +23,7 @@ import numpy as np
 from mtjax import experiments as ex
 from mtjax import train as _train
 from mtjax.distill import distill
-from mtjax.fileio import atomic_write_bytes
+from mtjax.fileio import new_figure, save_figure
 from mtjax.nn import deploy, trainable
 
 Row = dict[str, Any]
@@ -193,15 +193,9 @@ def markdown_table(rows: Sequence[Row]) -> str:
 
 def robustness_heatmap(result: dict, path: str | os.PathLike) -> Path:
     """Heatmaps of `robustness_study` (one panel per grid), PNG written atomically."""
-    import io
-
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
     grids = result["accuracy_pp"]
-    fig, axes = plt.subplots(1, len(grids), figsize=(4.6 * len(grids), 3.8), squeeze=False)
+    fig = new_figure(figsize=(4.6 * len(grids), 3.8), layout="constrained")
+    axes = fig.subplots(1, len(grids), squeeze=False)
     for ax, (name, grid) in zip(axes[0], grids.items(), strict=True):
         g = np.asarray(grid)
         im = ax.imshow(g, cmap="viridis", origin="lower", aspect="auto")
@@ -213,8 +207,4 @@ def robustness_heatmap(result: dict, path: str | os.PathLike) -> Path:
         for (i, j), v in np.ndenumerate(g):
             ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w", fontsize=8)
         fig.colorbar(im, ax=ax, label="test accuracy (%)")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=120)
-    plt.close(fig)
-    return atomic_write_bytes(path, buf.getvalue())
+    return save_figure(fig, path)

@@ -63,7 +63,7 @@ import optax
 from tqdm.auto import tqdm
 
 from mtjax import data as _data
-from mtjax.fileio import atomic_write_bytes
+from mtjax.fileio import atomic_write_bytes, new_figure, save_figure
 
 __all__ = [
     "CHECKPOINT_NAME",
@@ -664,14 +664,9 @@ def train(
 
 def plot_history(history: Sequence[dict[str, Any]], path: StrPath) -> Path:
     """PNG of train loss against step and test accuracy against epoch, written atomically."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    path = Path(path)
     steps = [r for r in history if r.get("event") == "step"]
     epochs = [r for r in history if r.get("event") == "epoch"]
-    fig = Figure(figsize=(9, 3.5), layout="constrained")
-    FigureCanvasAgg(fig)
+    fig = new_figure(figsize=(9, 3.5), layout="constrained")
     ax_loss, ax_acc = fig.subplots(1, 2)
     if steps:
         ax_loss.plot([r["step"] for r in steps], [r["train_loss"] for r in steps], label="train")
@@ -684,11 +679,7 @@ def plot_history(history: Sequence[dict[str, Any]], path: StrPath) -> Path:
     ax_loss.legend(loc="upper right")
     ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
     ax_acc.grid(alpha=0.3)
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=100)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    atomic_write_bytes(path, buf.getvalue())
-    return path
+    return save_figure(fig, path, dpi=100)
 
 
 def accuracy_curve_png(metrics_path: StrPath, png_path: StrPath) -> Path:

@@ -37,6 +37,10 @@ def parse_args(argv=None):
     ap.add_argument("--epochs", type=int, default=10, help="MLP epochs (>= 1)")
     ap.add_argument("--data-dir", default=None, help="raw dataset folder (both datasets)")
     ap.add_argument("--skip-cifar", action="store_true")
+    ap.add_argument(
+        "--download", action="store_true",
+        help="let tensorflow-datasets download CIFAR-100 (default: local files only)",
+    )  # fmt: skip
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
     if args.seeds < 1 or args.epochs < 1:
@@ -149,9 +153,13 @@ def main(argv=None) -> dict:
         report["cifar100"] = "skipped (--skip-cifar)"
     else:
         try:
-            cf = ex.load_arrays("cifar100", data_dir=args.data_dir, **subsets)
+            cf = ex.load_arrays(
+                "cifar100", data_dir=args.data_dir, download=args.download, **subsets
+            )
         except data.DatasetNotFoundError as err:
             msg = "CIFAR-100 skipped, data not available here: " + " ".join(str(err).split())
+            if not args.download:
+                msg += " (or pass --download)"
             print(msg, flush=True)
             report["cifar100"] = msg
         else:

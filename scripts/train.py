@@ -16,6 +16,9 @@ from mtjax import experiments
 from mtjax.nn.activation import DERIVATIVES, MODES
 from mtjax.train import plot_history
 
+#: dataset -> (flattened input size, classes)
+DATA_SHAPES = {"fashion_mnist": (784, 10), "cifar100": (3072, 100)}
+
 
 def _sizes(text: str) -> tuple[int, ...]:
     try:
@@ -45,7 +48,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--dataset", default="fashion_mnist", choices=experiments.DATASETS)
     ap.add_argument("--data-dir", default=None, help="folder with the raw dataset files")
-    ap.add_argument("--model", type=_sizes, default=(784, 256, 10), help="MLP sizes, 784-256-10")
+    ap.add_argument(
+        "--model", type=_sizes, default=None,
+        help="MLP sizes (default 784-256-10; cifar100: 3072-256-100)",
+    )  # fmt: skip
     ap.add_argument("--activation", default="both", choices=("tanh", "mtj", "both"))
     ap.add_argument("--mode", default=None, choices=MODES, help="MTJ model (default table)")
     ap.add_argument("--derivative", default="mz2", choices=DERIVATIVES)
@@ -66,6 +72,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.temperature > 0 and args.mode not in (None, "sde"):
         ap.error(f"--temperature is thermal simulation: use --mode sde, not {args.mode}")
     args.mode = args.mode or ("sde" if args.temperature > 0 else "table")
+    n_in, n_out = DATA_SHAPES[args.dataset]
+    args.model = args.model or (n_in, 256, n_out)
+    if args.model[0] != n_in or args.model[-1] != n_out:
+        ap.error(f"--model for {args.dataset} must start with {n_in} and end with {n_out}")
     if args.resume and args.out is None:
         ap.error("--resume needs --out")
     return args

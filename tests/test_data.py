@@ -182,13 +182,13 @@ def test_incomplete_folder_falls_through_to_tfds(tmp_path, monkeypatch):
     images, labels = _tiny(4)
     calls = []
 
-    def fake_tfds(name, split, data_dir, label):
-        calls.append((name, split, data_dir, label))
+    def fake_tfds(name, split, data_dir, label, download):
+        calls.append((name, split, data_dir, label, download))
         return images[..., None], labels.astype(np.int32)
 
     monkeypatch.setattr(data, "_load_tfds", fake_tfds)
     x, _ = data.load("fashion_mnist", "train", data_dir=tmp_path)
-    assert len(x) == 4 and calls == [("fashion_mnist", "train", str(tmp_path), "fine")]
+    assert len(x) == 4 and calls == [("fashion_mnist", "train", str(tmp_path), "fine", True)]
 
 
 def test_argument_errors():

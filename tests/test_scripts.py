@@ -44,6 +44,7 @@ def test_train_script_both_activations(tmp_path):
         (["--temperature", "300", "--mode", "table"], "use --mode sde"),
         (["--resume"], "--resume needs --out"),
         (["--variation", "-0.1"], "must be >= 0"),
+        (["--model", "784-64-100"], "must start with 784 and end with 10"),
     ],
 )
 def test_train_script_bad_flags(argv, message):
