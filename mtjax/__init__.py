@@ -1,6 +1,10 @@
-"""mtjax: differentiable physics of dual-polarizer magnetic tunnel junction neurons in JAX."""
+"""mtjax: differentiable physics of dual-polarizer magnetic tunnel junction neurons in JAX.
 
-from mtjax import constants, nn, physics, readout, variation
+Layers (imports point down): constants/params/variation -> physics -> integrators/solve/ensemble
+-> readout/analytic -> nn -> data/train/distill -> experiments/paper -> scripts.
+"""
+
+from mtjax import constants, data, distill, nn, physics, readout, train, variation
 from mtjax.analytic import analytic_response, current_scale, pulse_angles
 from mtjax.ensemble import pulse_ensemble
 from mtjax.params import DeviceParams
@@ -14,6 +18,8 @@ __all__ = [
     "analytic_response",
     "constants",
     "current_scale",
+    "data",
+    "distill",
     "nn",
     "physics",
     "pulse_angles",
@@ -22,6 +28,7 @@ __all__ = [
     "readout",
     "sample_devices",
     "simulate",
+    "train",
     "variation",
 ]
 __version__ = "0.1.0"
