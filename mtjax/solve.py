@@ -209,15 +209,15 @@ def _solve(
 
     terms = diffrax.ODETerm(_drift)
     if key is not None:
-        bm = diffrax.VirtualBrownianTree(
-            0.0, t1n, tol=jnp.asarray(t1n / (4 * _n_steps(t1, steps, dt))), shape=(3,), key=key
-        )
+        bm = diffrax.VirtualBrownianTree(0.0, t1n, tol=dt0 / 4, shape=(3,), key=key)
         terms = diffrax.MultiTerm(terms, diffrax.ControlTerm(_diffusion, bm))
 
-    saveat = diffrax.SaveAt(t1=True) if save_n is None and save_ts is None else None
-    if saveat is None:
-        ts = save_ts / TIME_UNIT if save_ts is not None else jnp.linspace(0.0, t1n, save_n)
-        saveat = diffrax.SaveAt(ts=ts)
+    if save_ts is not None:
+        saveat = diffrax.SaveAt(ts=save_ts / TIME_UNIT)
+    elif save_n is not None:
+        saveat = diffrax.SaveAt(ts=jnp.linspace(0.0, t1n, save_n))
+    else:
+        saveat = diffrax.SaveAt(t1=True)
     sol = diffrax.diffeqsolve(
         terms,
         solver_obj,
