@@ -264,16 +264,12 @@ def run_cmtj(
     Returns (ts, m): times (s) and magnetizations, shapes (k,) and (k, 3), k = n/save_every + 1,
     starting with (0, m0) and then every `save_every` steps (n must be a multiple of it).
     """
-    cmtj = _cmtj()
     n = round(t1 / dt)
     if n < 1 or save_every < 1 or n % save_every:
         raise ValueError(f"need t1/dt = {n} >= 1 steps, a multiple of save_every={save_every}")
-    junction = to_cmtj_junction(params, currents, m0, torque=torque, thermal=thermal, seed=seed)
+    # cmtj logs every step, at time i dt, the state *after* that step, i.e. m((i + 1) dt).
+    junction = _run(params, currents, n, dt, m0, 1, torque, thermal, seed)
     m_init = np.asarray(_unit((0.0, 0.0, 1.0) if m0 is None else m0))
-    # cmtj truncates totalTime/timeStep and writeFrequency/timeStep to ints: add half steps.
-    # It logs every step, at time i dt, the state *after* that step, i.e. m((i + 1) dt).
-    mode = cmtj.Heun if thermal else cmtj.RK4
-    junction.runSimulation((n + 0.5) * dt, dt, 1.5 * dt, False, False, mode)
     log = junction.getLog()
     ms = np.stack([np.asarray(log[f"{LAYER_ID}_m{c}"]) for c in "xyz"], axis=-1)
     if ms.shape[0] != n:
@@ -295,9 +291,17 @@ def cmtj_final_m(
     seed: int | None = None,
 ) -> np.ndarray:
     """m after n = round(t1/dt) cmtj steps, logging as little as possible (for timing)."""
-    cmtj = _cmtj()
     n = round(t1 / dt)
+    junction = _run(params, currents, n, dt, m0, n, torque, thermal, seed)
+    return np.asarray(junction.getLayerMagnetisation(LAYER_ID).tolist())
+
+
+def _run(params, currents, n, dt, m0, write_every, torque, thermal, seed):
+    """Build the junction and run n steps (RK4, or stochastic Heun if thermal), logging every
+    `write_every` steps. cmtj truncates totalTime/timeStep and writeFrequency/timeStep to
+    ints, hence the half steps."""
+    cmtj = _cmtj()
     junction = to_cmtj_junction(params, currents, m0, torque=torque, thermal=thermal, seed=seed)
     mode = cmtj.Heun if thermal else cmtj.RK4
-    junction.runSimulation((n + 0.5) * dt, dt, (n + 0.5) * dt, False, False, mode)
-    return np.asarray(junction.getLayerMagnetisation(LAYER_ID).tolist())
+    junction.runSimulation((n + 0.5) * dt, dt, (write_every + 0.5) * dt, False, False, mode)
+    return junction

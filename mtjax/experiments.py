@@ -23,7 +23,7 @@ import numpy as np
 from mtjax import data as _data
 from mtjax import train as _train
 from mtjax.analytic import current_scale
-from mtjax.fileio import atomic_write_json, new_figure, save_figure  # noqa: F401  (scripts)
+from mtjax.fileio import new_figure, save_figure
 from mtjax.nn import MLP, MTJActivation, deploy, trainable
 from mtjax.params import DeviceParams
 from mtjax.variation import Spreads, sample_devices

@@ -29,10 +29,6 @@ from mtjax.nn import deploy, trainable
 Row = dict[str, Any]
 
 
-def _pp(x: float) -> float:
-    return round(100 * float(x), 2)
-
-
 def derivative_study(
     base: ex.RunSpec, data, seeds: Sequence[int], *, progress: bool = False
 ) -> tuple[dict, dict[int, Any]]:
@@ -160,7 +156,7 @@ def distill_study(
             filter_spec=trainable(student),
         )  # fmt: skip
         kd.append(res.test_accuracy)
-    teacher = _pp(t_summary["test_accuracy"])
+    teacher = 100 * t_summary["test_accuracy"]
     rows = []
     for label, accs in (("trained alone", alone), ("distilled from the teacher", kd)):
         ms = ex.mean_std([100 * a for a in accs])

@@ -17,7 +17,7 @@ from mtjax import DeviceParams, Spreads, data, paper, sample_devices
 from mtjax import experiments as ex
 from mtjax import train as _train
 from mtjax.analytic import current_scale
-from mtjax.fileio import atomic_write_bytes
+from mtjax.fileio import atomic_write_bytes, atomic_write_json
 from mtjax.nn import MTJActivation, SmallCNN, cifar_model
 
 PAPER = {
@@ -110,7 +110,7 @@ def main(argv=None) -> dict:
     print("(ii) robustness: variation x read noise", flush=True)
     grid = dict(variations=(0.0, 0.1), read_noises=(0.0, 0.05)) if q else {}
     rob = paper.robustness_study(base, fm, software[seeds[0]], progress=progress, **grid)
-    ex.atomic_write_json(out / "robustness.json", rob)
+    atomic_write_json(out / "robustness.json", rob)
     paper.robustness_heatmap(rob, out / "robustness.png")
     report["finding_ii"] = rob
     worst = {k: min(map(min, grid)) for k, grid in rob["accuracy_pp"].items()}
@@ -174,7 +174,7 @@ def main(argv=None) -> dict:
 
     report["rows"] = rows
     report["wall_time_s"] = time.time() - t0
-    ex.atomic_write_json(out / "paper_reproduction.json", report)
+    atomic_write_json(out / "paper_reproduction.json", report)
     text = (
         f"# Paper reproduction ({'QUICK smoke run' if q else 'full'}; "
         f"`python scripts/reproduce.py{' --quick' if q else ''}`, "

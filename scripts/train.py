@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 from mtjax import experiments
+from mtjax.fileio import atomic_write_json
 from mtjax.nn.activation import DERIVATIVES, MODES
 from mtjax.train import plot_history
 
@@ -110,7 +111,7 @@ def main(argv=None) -> dict:
         report["gap_pp"] = 100 * gap
         print(f"gap (software - MTJ): {100 * gap:+.2f} percentage points")
     experiments.plot_curves(histories, out / "training_curves.png")
-    experiments.atomic_write_json(out / "results.json", report)
+    atomic_write_json(out / "results.json", report)
     print(f"wrote {out / 'results.json'}")
     return report
 
