@@ -7,11 +7,35 @@ u = gamma0 (a + alpha b) tau / (1+alpha^2) and psi = gamma0 (b - alpha a) tau / 
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from mtjax.params import DeviceParams
-from mtjax.physics import gamma0, stt_amplitude
+from mtjax.physics import gamma0, stt_amplitude, unit
+
+
+def closed_form_violations(params: DeviceParams) -> list[str]:
+    """Why the closed form does not describe `params` (empty list: it does).
+
+    It needs zero effective field (hk = 0, demag = 0, h_bias = 0), lambda1 = 1 and
+    P2 = +z with P1 perpendicular to it (the pulse starts from m = +z). Traced params
+    cannot be checked and give []."""
+    leaves = [params.hk, params.demag, params.h_bias, params.lambda1, params.p1, params.p2]
+    if any(isinstance(v, jax.core.Tracer) for v in leaves):
+        return []
+    p1 = np.asarray(params.p1) / np.linalg.norm(np.asarray(params.p1), axis=-1, keepdims=True)
+    p2 = np.asarray(params.p2) / np.linalg.norm(np.asarray(params.p2), axis=-1, keepdims=True)
+    checks = {
+        "hk != 0": np.any(np.asarray(params.hk) != 0),
+        "demag != 0": np.any(np.asarray(params.demag) != 0),
+        "h_bias != 0": np.any(np.asarray(params.h_bias) != 0),
+        "lambda1 != 1": np.any(np.asarray(params.lambda1) != 1),
+        "p2 != +z": np.any(np.abs(p2 - np.array([0.0, 0.0, 1.0])) > 1e-6),
+        "p1 not perpendicular to z": np.any(np.abs(p1[..., 2]) > 1e-6),
+    }
+    return [what for what, bad in checks.items() if bad]
 
 
 def pulse_angles(
@@ -25,7 +49,18 @@ def pulse_angles(
 
 
 def analytic_response(params: DeviceParams, current: ArrayLike) -> Float[Array, "3"]:
-    """m after one P1 pulse from +z, ideal device, in the lab frame (P1 = +x, P2 = +z)."""
+    """m after one P1 pulse from +z, ideal device, in the lab frame (P1 = +x, P2 = +z).
+
+    Raises ValueError when `closed_form_violations(params)` is not empty."""
+    bad = closed_form_violations(params)
+    p1 = params.p1
+    if not isinstance(p1, jax.core.Tracer) and np.any(np.abs(unit(p1) - jnp.eye(3)[0]) > 1e-6):
+        bad.append("p1 != +x")
+    if bad:
+        raise ValueError(
+            "analytic_response: the closed form assumes an ideal device with P1 = +x, P2 = +z; "
+            f"these params have {', '.join(bad)} (use pulse_response)"
+        )
     u, psi = pulse_angles(params, current)
     sech = 1 / jnp.cosh(u)
     return jnp.stack([jnp.tanh(u), -sech * jnp.sin(psi), sech * jnp.cos(psi)])

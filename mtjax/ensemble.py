@@ -16,10 +16,10 @@ from jax.sharding import Mesh, PartitionSpec
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from mtjax.constants import TIME_UNIT
-from mtjax.integrators import scan_solve
+from mtjax.integrators import SCAN_SOLVERS, scan_solve, steps_for, too_coarse
 from mtjax.params import DeviceParams
-from mtjax.physics import torque_coefficients
-from mtjax.solve import M_UP, drift_ns, noise_ns
+from mtjax.physics import rotation_rate_bound, torque_coefficients
+from mtjax.solve import DEFAULT_STEPS, drift_ns, initial_state, noise_ns
 
 
 def pulse_ensemble(
@@ -29,7 +29,7 @@ def pulse_ensemble(
     key: PRNGKeyArray | None = None,
     m0: Float[ArrayLike, "3"] | None = None,
     solver: str | None = None,
-    steps: int = 1000,
+    steps: int | None = None,
     chunk_size: int = 8192,
 ) -> Float[Array, "n 3"]:
     """m after one pulse for n trajectories: `currents` (n,) P1 currents or (n, 2) pairs.
@@ -37,7 +37,9 @@ def pulse_ensemble(
     `params`: one shared device or a batch of n devices. With `key`, trajectory i gets the
     thermal noise of `jax.random.split(key, n)[i]` (same as `pulse_response(..., key=k_i,
     solver="heun_scan")`), so results do not depend on `chunk_size` or device count.
-    Default solver `"rk4_scan"`, `"heun_scan"` when thermal. Forward only; jit-compatible.
+    Default solver `"rk4_scan"`, `"heun_scan"` when thermal. `steps`: fixed steps for every
+    trajectory; default chosen from the dynamics (at least 1000) like `pulse_response`, and a
+    count too small for some trajectory raises. Forward only; jit-compatible.
     """
     dtype = jnp.result_type(float)
     currents = jnp.asarray(currents, dtype=dtype)
@@ -45,14 +47,18 @@ def pulse_ensemble(
         currents = jnp.stack([currents, jnp.zeros_like(currents)], axis=1)
     if currents.ndim != 2 or currents.shape[1] != 2:
         raise ValueError(f"currents: expected shape (n,) or (n, 2), got {currents.shape}")
+    if not isinstance(currents, jax.core.Tracer) and not np.all(np.isfinite(np.asarray(currents))):
+        raise ValueError("pulse_ensemble: non-finite current (NaN or inf)")
     n = currents.shape[0]
     if params.batch_shape not in ((), (n,)):
         raise ValueError(f"params: batch {params.batch_shape} must be () or ({n},)")
     if int(chunk_size) != chunk_size or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive integer, got {chunk_size}")
     solver = solver or ("rk4_scan" if key is None else "heun_scan")
-    m0 = jnp.asarray(M_UP if m0 is None else m0, dtype=dtype)
-    m0 = m0 / jnp.linalg.norm(m0)
+    if solver not in SCAN_SOLVERS:
+        raise ValueError(f"solver: unknown {solver!r}; choose from {SCAN_SOLVERS}")
+    params = params.checked()
+    m0 = initial_state(m0)
 
     shared = params.batch_shape == ()
     if shared:  # only v, w depend on the current: keep the rest unbatched
@@ -66,6 +72,7 @@ def pulse_ensemble(
         }
     if key is not None:
         per_traj["key"] = jax.random.split(key, n)
+    steps, coarse = _choose_steps(params, currents, solver, steps)
 
     def run_chunk(x):  # leaves of x: (chunk, ...) -> device axis last for the fused layout
         last = lambda a: jnp.moveaxis(a, 0, -1)
@@ -105,4 +112,30 @@ def pulse_ensemble(
         run_all = jax.shard_map(run_all, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
     out = run_all(xs).reshape(n_chunks * chunk, 3)[:n]
     bad = ~jnp.all(jnp.isfinite(currents)) | ~jnp.all(jnp.isfinite(out))
-    return eqx.error_if(out, bad, "pulse_ensemble: non-finite current or magnetization")
+    out = eqx.error_if(out, bad, "pulse_ensemble: non-finite current or magnetization")
+    if coarse is not None:
+        out = eqx.error_if(out, coarse, "pulse_ensemble: too few steps for some trajectory")
+    return out
+
+
+def _choose_steps(params: DeviceParams, currents, solver: str, steps: int | None):
+    """(steps, traced guard or None): the step rule over all trajectories."""
+    if steps is not None and (isinstance(steps, bool) or int(steps) != steps or steps < 1):
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    rate = jax.vmap(
+        lambda p, c: rotation_rate_bound(torque_coefficients(p, c)),
+        in_axes=(None if params.batch_shape == () else 0, 0),
+    )(params, currents)
+    theta = jnp.max(rate * params.pulse_duration)
+    if not isinstance(theta, jax.core.Tracer):
+        need = steps_for(theta, solver)
+        if steps is None:
+            return max(DEFAULT_STEPS, need), None
+        if bool(too_coarse(theta, steps, solver)):
+            raise ValueError(
+                f"steps={steps} is too coarse: the largest rotation bound over one pulse is "
+                f"{float(theta):.3g} rad, which needs steps >= {need} with solver={solver!r}"
+            )
+        return int(steps), None
+    steps = DEFAULT_STEPS if steps is None else int(steps)
+    return steps, too_coarse(theta, steps, solver)

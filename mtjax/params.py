@@ -156,9 +156,70 @@ class DeviceParams(eqx.Module):
         """Free-layer volume (m^3)."""
         return self.area * self.thickness
 
+    def __repr__(self) -> str:
+        items = []
+        for name, (_, unit) in (SCALAR_FIELDS | VECTOR_FIELDS).items():
+            leaf = _format_leaf(getattr(self, name), unit, name in VECTOR_FIELDS)
+            items.append(f"{name}={leaf}")
+        batch = f"batch_shape={self.batch_shape}, " if self.batch_shape else ""
+        return f"DeviceParams({batch}{', '.join(items)})"
+
+    def checked(self) -> DeviceParams:
+        """`self`, with the validation rules attached as `eqx.error_if` checks when some
+        leaves are traced (inside jit/vmap/grad); concrete params were checked at construction."""
+        leaves = {f: getattr(self, f) for f in SCALAR_FIELDS | VECTOR_FIELDS}
+        if not any(isinstance(v, jax.core.Tracer) for v in leaves.values()):
+            return self
+        bad = jnp.zeros(self.batch_shape, bool)
+        for name, v in leaves.items():
+            bad = bad | _violates(name, v)
+        ms = eqx.error_if(self.Ms, jnp.any(bad), _TRACED_MESSAGE)
+        return dataclasses.replace(self, Ms=ms)
+
     def replace(self, **changes) -> DeviceParams:
         """Copy with some fields changed (validated like the constructor)."""
         return dataclasses.replace(self, **changes)
+
+
+def _format_leaf(v, unit: str, vector: bool) -> str:
+    """`1e+06 A/m`, `(1, 0, 0)`, or for a batch `mean +- std` (or one value if all equal)."""
+    unit = "" if unit == "1" else f" {unit}"
+    if isinstance(v, jax.core.Tracer):
+        return f"<traced {v.dtype}{list(v.shape)}>"
+    a = np.asarray(v, dtype=np.float64)
+    rows = a.reshape(-1, 3) if vector else a.reshape(-1, 1)
+    fmt = lambda r: "(" + ", ".join(f"{x:.4g}" for x in r) + ")" if vector else f"{r[0]:.4g}"
+    if np.all(rows == rows[0]):
+        return fmt(rows[0]) + unit + (" (all)" if a.ndim > vector else "")
+    mean, std = rows.mean(axis=0), rows.std(axis=0)
+    return f"{fmt(mean)} +- {fmt(std)}{unit} (mean +- std)"
+
+
+_TRACED_MESSAGE = (
+    "DeviceParams: a traced value breaks its rule (Ms, gamma, thickness, diameters, lambda, "
+    "TMR, RA, pulse_duration > 0; alpha, temperature >= 0; eta in [0, 1]; demag in [0, 1]; "
+    "polarizer and anisotropy axes non-zero; all finite)"
+)
+
+
+def _violates(name: str, v: Array) -> Array:
+    """Traced version of `_check_values`: True per device where `v` breaks the rule."""
+    rule = (SCALAR_FIELDS | VECTOR_FIELDS)[name][0]
+    vec = name in VECTOR_FIELDS
+    finite = jnp.all(jnp.isfinite(v), axis=-1) if vec else jnp.isfinite(v)
+    if rule == "pos":
+        ok = v > 0
+    elif rule == "nonneg":
+        ok = v >= 0
+    elif rule == "unit":
+        ok = (v >= 0) & (v <= 1)
+    elif rule == "demag":
+        ok = jnp.all((v >= 0) & (v <= 1), axis=-1)
+    elif rule == "dir":
+        ok = jnp.sum(v * v, axis=-1) > 0
+    else:
+        ok = True
+    return ~(finite & ok)
 
 
 def _as_float_array(name: str, value) -> Array:

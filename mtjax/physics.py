@@ -164,6 +164,21 @@ def torque(
     )
 
 
+def rotation_rate_bound(c: TorqueCoefficients) -> Float[Array, ""]:
+    """Upper bound (rad/s) of |dm/dt| over the unit sphere for one device's coefficients.
+
+    |m x V| <= |V| and |m x (m x W)| <= |W| with |H| <= max N_i Ms + |hk| + |h_bias| and the
+    Slonczewski factor g <= max(1, lambda^2). The thermal field is not included."""
+    h = jnp.max(jnp.abs(c.demag_ms)) + jnp.abs(c.hk) + jnp.linalg.norm(c.h_bias)
+    return c.rate * (1 + c.alpha) * h + spin_rotation_bound(c)
+
+
+def spin_rotation_bound(c: TorqueCoefficients) -> Float[Array, ""]:
+    """The spin-torque part of `rotation_rate_bound` (rad/s); linear in the currents."""
+    g = jnp.maximum(1.0, c.lam2)
+    return c.rate * jnp.sum(g * (jnp.abs(c.v) + jnp.abs(c.w)))
+
+
 def thermal_torque(
     c: TorqueCoefficients, m: Float[Array, "3 ..."], dw: Float[Array, "3 ..."]
 ) -> Float[Array, "3 ..."]:

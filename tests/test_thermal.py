@@ -44,7 +44,7 @@ def test_equilibrium_distribution_matches_boltzmann(delta):
     m0 = jnp.where(jnp.arange(n)[:, None] % 2 == 0, 1.0, -1.0) * jnp.array([0.0, 0.0, 1.0])
     run = jax.jit(
         jax.vmap(
-            lambda k, m: mtjax.pulse_response(p, 0.0, m, key=k, solver="heun_scan", steps=5000)
+            lambda k, m: mtjax.pulse_response(p, 0.0, m0=m, key=k, solver="heun_scan", steps=5000)
         )
     )
     mz = run(jax.random.split(jax.random.key(1), n), m0)[:, 2]

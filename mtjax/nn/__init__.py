@@ -11,6 +11,7 @@ from mtjax.nn.activation import (
     MODES,
     MTJActivation,
     ResponseTable,
+    TableGrid,
     build_table,
 )
 from mtjax.nn.cnn import HeadedClassifier, ResNetFeatures, SmallCNN, cifar_model
@@ -24,6 +25,7 @@ __all__ = [
     "MTJActivation",
     "ResNetFeatures",
     "ResponseTable",
+    "TableGrid",
     "SmallCNN",
     "build_table",
     "cifar_model",

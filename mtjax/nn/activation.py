@@ -23,8 +23,9 @@ junctions and every neuron, and also enters the "mz"/"mz2" derivatives.
 Modes (same API, different fidelity and speed):
 
 - "ode": `pulse_response` for every neuron and every call, vmapped (default `rk4_scan`,
-  10 steps; `chunk` > 0 solves that many neurons at a time with `lax.map`).
-- "sde": the same with the thermal field (`heun_scan`, 200 steps; needs `key`).
+  steps chosen from the devices' dynamics, see `pulse_steps`; `chunk` > 0 solves that many
+  neurons at a time with `lax.map`).
+- "sde": the same with the thermal field (`heun_scan`, >= 200 steps; needs `key`).
 - "table": m.p1(z), m.p2(z) precomputed per device by the "ode" solver on a uniform grid
   over [-z_max, z_max] and evaluated by cubic Hermite interpolation (129 nodes; slopes from
   4th-order differences; max error vs "ode" ~1.5e-6). `rebuild()` recomputes the tables
@@ -49,43 +50,137 @@ device-side array is wrapped in `jax.lax.stop_gradient`.
 
 from __future__ import annotations
 
+import math
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from mtjax.analytic import current_scale, pulse_angles
+from mtjax.analytic import closed_form_violations, current_scale, pulse_angles
+from mtjax.integrators import steps_for, too_coarse
 from mtjax.params import DeviceParams
-from mtjax.physics import unit
+from mtjax.physics import (
+    rotation_rate_bound,
+    spin_rotation_bound,
+    torque_coefficients,
+    unit,
+)
 from mtjax.readout import mean_conductance, projection_from_conductance
 from mtjax.solve import SOLVERS, pulse_response
 
 MODES = ("ode", "sde", "table", "analytic", "ideal")
 DERIVATIVES = ("mz2", "mz", "autodiff")
-#: rk4_scan steps of the "ode" mode: smallest count with max |error| <= 1e-4 vs tsit5
-#: (rtol = atol = 1e-8) on |z| <= 6 for the paper device (10 steps: 1.4e-6 in m_x,
-#: 4.1e-5 in m_z; 8 steps: 1.1e-4 in m_z). Devices with strong effective fields
-#: (anisotropy, bias) precess faster and need more `steps`.
+#: Fewest pulse steps of the "ode"/"table" (rk4_scan) and "sde" (heun_scan) modes. The
+#: count actually used is chosen at construction from the dynamics of every device over the
+#: whole input range (`mtjax.integrators.STEP_RULES`, error target 1e-4; e.g. 17 RK4 steps
+#: for the paper device at z_max = 6); traced params keep these and are guarded instead.
 DEFAULT_ODE_STEPS = 10
-#: heun_scan steps of the "sde" mode (5 ps at tau = 1 ns).
 DEFAULT_SDE_STEPS = 200
 DEFAULT_N_GRID = 129
+#: Largest node spacing in s = asinh(z / z0) of `TableGrid.for_devices`.
+MAX_DS = 0.06
 DEFAULT_Z_MAX = 6.0
 #: Neurons per `lax.map` chunk in "ode"/"sde"; 0 = one vmap over all neurons (fastest on
 #: CPU with the current solver; a chunk bounds memory, e.g. for "autodiff" through "sde").
 DEFAULT_CHUNK = 0
 
 
+class TableGrid(eqx.Module):
+    """Nodes of the response tables: z_i = z0 sinh(s_i) with s uniform on [-S, S],
+    S = asinh(z_max / z0).
+
+    The spacing grows with |z| (about z0 ds near 0, |z| ds far out), so one grid resolves a
+    steep device (gain u/z = G, features at |z| ~ 1/G) and the slow tails of all devices:
+    `for_devices` takes z0 = min(1, 1/G_max) and enough nodes for ds <= MAX_DS."""
+
+    z_max: float = eqx.field(static=True)
+    n_grid: int = eqx.field(static=True)
+    z0: float = eqx.field(static=True)
+
+    @classmethod
+    def for_devices(
+        cls, params: DeviceParams, input_scale, z_max: float, n_grid: int | None = None
+    ) -> TableGrid:
+        """Grid for every device of `params` (traced params: z0 = 1, n_grid default 129)."""
+        g = _max_gain(params, input_scale)
+        z0 = 1.0 if g is None else min(1.0, 1.0 / max(g, 1e-12))
+        if n_grid is None:
+            s_max = math.asinh(z_max / z0)
+            n_grid = max(DEFAULT_N_GRID, math.ceil(2 * s_max / MAX_DS) + 1)
+        return cls(float(z_max), int(n_grid), float(z0))
+
+    @property
+    def s_max(self) -> float:
+        return math.asinh(self.z_max / self.z0)
+
+    @property
+    def ds(self) -> float:
+        return 2 * self.s_max / (self.n_grid - 1)
+
+    @property
+    def reach(self) -> float:
+        """Largest |z| evaluated while building: two nodes beyond z_max."""
+        return self.z0 * math.sinh(self.s_max + 2 * self.ds)
+
+    def nodes(self) -> Float[Array, " n_grid_plus_4"]:
+        """z of the n_grid nodes plus two extra on each side (for the slopes)."""
+        s = jnp.linspace(
+            -self.s_max - 2 * self.ds, self.s_max + 2 * self.ds, self.n_grid + 4,
+            dtype=jnp.result_type(float),
+        )  # fmt: skip
+        return self.z0 * jnp.sinh(s)
+
+    def locate(self, z: Array) -> tuple[Array, Array]:
+        """Interval index and local coordinate t in [0, 1] of each z (|z| <= z_max)."""
+        pos = (jnp.arcsinh(z / self.z0) + self.s_max) / self.ds
+        i = jnp.clip(jnp.floor(pos), 0, self.n_grid - 2).astype(jnp.int32)
+        return i, pos - i
+
+
+def _max_gain(params: DeviceParams, input_scale) -> float | None:
+    """Largest spin-torque rotation per pulse per unit z over the devices (None if traced)."""
+
+    def gain(p):
+        c = torque_coefficients(p, jnp.stack([input_scale, jnp.zeros_like(input_scale)]))
+        return spin_rotation_bound(c) * p.pulse_duration
+
+    fn = gain
+    for _ in params.batch_shape:
+        fn = jax.vmap(fn)
+    g = jnp.max(fn(params))
+    return None if isinstance(g, jax.core.Tracer) else float(g)
+
+
+def hermite_coefficients(y: Array) -> Array:
+    """Cubic Hermite coefficients (c0..c3 in the local t) from values at the nodes of a
+    `TableGrid` plus two extra on each side: `y` (n_grid + 4, k) -> (n_grid - 1, k, 4).
+    Node slopes are 4th-order central differences in s."""
+    d = (y[:-4] - 8 * y[1:-3] + 8 * y[3:-1] - y[4:]) / 12  # ds * dy/ds at the nodes
+    y = y[2:-2]
+    y0, y1, d0, d1 = y[:-1], y[1:], d[:-1], d[1:]
+    return jnp.stack([y0, d0, 3 * (y1 - y0) - 2 * d0 - d1, 2 * (y0 - y1) + d0 + d1], axis=-1)
+
+
+def hermite_eval(coef: Array, grid: TableGrid, z: Array) -> Array:
+    """Evaluate tabulated curves at z: `coef` (n_int, k, 4) for a shared device, or
+    (n, n_int, k, 4) with z of shape (n,) for per-neuron devices. Returns (*z.shape, k)."""
+    i, t = grid.locate(z)
+    c = coef[i] if coef.ndim == 3 else coef[jnp.arange(coef.shape[0]), i]
+    t = t[..., None]
+    return c[..., 0] + t * (c[..., 1] + t * (c[..., 2] + t * c[..., 3]))
+
+
 class ResponseTable(eqx.Module):
-    """Piecewise-cubic response curves of one device or a batch of devices.
+    """Piecewise-cubic response curves m.p1(z), m.p2(z) of one device or a batch.
 
-    `coef[..., i, :]` holds the cubic coefficients (c0, c1, c2, c3) of m.p1 followed by those
-    of m.p2 on the grid interval i, in the local coordinate t in [0, 1]:
-    value = c0 + c1 t + c2 t^2 + c3 t^3. The grid is uniform over [-z_max, z_max].
-    """
+    `coef[..., i, k, :]` holds the cubic coefficients (c0, c1, c2, c3) of curve k (0: m.p1,
+    1: m.p2) on interval i of `grid`, in the local coordinate t in [0, 1]:
+    value = c0 + c1 t + c2 t^2 + c3 t^3."""
 
-    coef: Float[Array, "*batch n_interval 8"]
+    coef: Float[Array, "*batch n_interval 2 4"]
+    grid: TableGrid
 
 
 def _check_mode_args(mode, derivative, solver, steps, n_grid, z_max, read_noise):
@@ -97,14 +192,46 @@ def _check_mode_args(mode, derivative, solver, steps, n_grid, z_max, read_noise)
         raise ValueError(f"solver: mode='sde' needs 'heun' or 'heun_scan', got {solver!r}")
     if solver not in SOLVERS:
         raise ValueError(f"solver: unknown {solver!r}; choose from {SOLVERS}")
-    if int(steps) != steps or steps < 1:
+    if steps is not None and (int(steps) != steps or steps < 1):
         raise ValueError(f"steps: must be a positive integer, got {steps!r}")
-    if int(n_grid) != n_grid or n_grid < 3:
-        raise ValueError(f"n_grid: must be an integer >= 3, got {n_grid!r}")
+    if n_grid is not None and (int(n_grid) != n_grid or n_grid < 5):
+        raise ValueError(f"n_grid: must be an integer >= 5, got {n_grid!r}")
     if not (np.isfinite(z_max) and z_max > 0):
         raise ValueError(f"z_max: must be finite and > 0, got {z_max!r}")
     if not (np.isfinite(read_noise) and read_noise >= 0):
         raise ValueError(f"read_noise: must be finite and >= 0, got {read_noise!r}")
+
+
+def pulse_steps(
+    params: DeviceParams, max_current, solver: str, steps: int | None, floor: int
+) -> int:
+    """Fixed steps for pulses of |I| <= `max_current` (A) on every device of `params`.
+
+    `steps=None`: chosen from the dynamics (at least `floor`). A given count that is too
+    small for some device raises ValueError. Traced params: `steps` or `floor`, guarded at
+    run time by `pulse_response`."""
+    if solver == "tsit5":
+        return floor if steps is None else int(steps)
+
+    def theta(p):
+        c = torque_coefficients(p, jnp.stack([max_current, jnp.zeros_like(max_current)]))
+        return rotation_rate_bound(c) * p.pulse_duration
+
+    fn = theta
+    for _ in params.batch_shape:
+        fn = jax.vmap(fn)
+    th = jnp.max(fn(params))
+    if isinstance(th, jax.core.Tracer):
+        return floor if steps is None else int(steps)
+    if steps is None:
+        return max(floor, steps_for(th, solver))
+    if bool(too_coarse(th, steps, solver)):
+        raise ValueError(
+            f"steps={steps} is too coarse for these devices at the driver's maximum current "
+            f"{float(max_current):.3g} A (rotation bound {float(th):.3g} rad per pulse): "
+            f"use steps >= {steps_for(th, solver)} or leave steps=None"
+        )
+    return int(steps)
 
 
 def _pulse(params: DeviceParams, current, key, solver: str, steps: int):
@@ -119,58 +246,35 @@ def build_table(
     params: DeviceParams,
     input_scale: Float[ArrayLike, ""],
     z_max: float = DEFAULT_Z_MAX,
-    n_grid: int = DEFAULT_N_GRID,
+    n_grid: int | None = None,
     *,
     solver: str = "rk4_scan",
-    steps: int = DEFAULT_ODE_STEPS,
+    steps: int | None = None,
+    grid: TableGrid | None = None,
 ) -> ResponseTable:
-    """Tabulate m.p1(z), m.p2(z) of every device on `n_grid` points of [-z_max, z_max].
+    """Tabulate m.p1(z), m.p2(z) of every device on a `TableGrid` over [-z_max, z_max].
 
     Pure and differentiable w.r.t. `params` and `input_scale` (call it inside a loss for
-    co-design). Cubic Hermite pieces; node slopes are 4th-order central differences of
-    the node values (two extra nodes beyond each end)."""
-    return _build_table(params, input_scale, float(z_max), int(n_grid), solver, int(steps))
+    co-design). `grid` (default `TableGrid.for_devices`), `steps`: see `pulse_steps`."""
+    input_scale = jnp.asarray(input_scale, dtype=jnp.result_type(float))
+    if grid is None:
+        grid = TableGrid.for_devices(params, input_scale, float(z_max), n_grid)
+    steps = pulse_steps(params, grid.reach * input_scale, solver, steps, DEFAULT_ODE_STEPS)
+    return _build_table(params, input_scale, grid, solver, steps)
 
 
 @eqx.filter_jit
-def _build_table(params, input_scale, z_max, n_grid, solver, steps):
-    h = 2 * z_max / (n_grid - 1)
-    # nodes -z_max - 2h ... z_max + 2h: the two extra on each side give every node a
-    # 4th-order central-difference slope
-    zs = jnp.linspace(-z_max - 2 * h, z_max + 2 * h, n_grid + 4, dtype=jnp.result_type(float))
+def _build_table(params, input_scale, grid: TableGrid, solver, steps):
+    zs = grid.nodes()
 
     def one_device(p):
         y = jax.vmap(lambda z: _pulse(p, z * input_scale, None, solver, steps))(zs)
-        d = (y[:-4] - 8 * y[1:-3] + 8 * y[3:-1] - y[4:]) / 12  # h * dy/dz, (n_grid, 2)
-        y = y[2:-2]
-        y0, y1, d0, d1 = y[:-1], y[1:], d[:-1], d[1:]
-        c = jnp.stack([y0, d0, 3 * (y1 - y0) - 2 * d0 - d1, 2 * (y0 - y1) + d0 + d1], axis=-1)
-        return c.reshape(n_grid - 1, 8)  # (interval, [p1 c0..c3, p2 c0..c3])
+        return hermite_coefficients(y)
 
     fn = one_device
     for _ in params.batch_shape:
         fn = jax.vmap(fn)
-    return ResponseTable(coef=fn(params))
-
-
-def _interp(coef: Array, z: Array, z_max: float, with_p2: bool):
-    """Evaluate the piecewise cubic at z (already clipped). `coef`: (n_int, 8) or (n, n_int, 8)
-    with z of shape (n,)."""
-    n_int = coef.shape[-2]
-    s = (z + z_max) * (n_int / (2 * z_max))
-    i = jnp.clip(jnp.floor(s), 0, n_int - 1).astype(jnp.int32)
-    t = s - i
-    if coef.ndim == 2:
-        c = coef[i]
-    else:
-        c = coef[jnp.arange(coef.shape[0]), i]
-
-    def horner(c4):
-        return c4[..., 0] + t * (c4[..., 1] + t * (c4[..., 2] + t * c4[..., 3]))
-
-    p1 = horner(c[..., :4])
-    p2 = horner(c[..., 4:]) if with_p2 else None
-    return p1, p2
+    return ResponseTable(coef=fn(params), grid=grid)
 
 
 class _Config(eqx.Module):
@@ -194,7 +298,8 @@ def _device_projections(cfg: _Config, dev, z: Array, sde_key, with_p2: bool):
         u, psi = pulse_angles(params, z * input_scale)
         return jnp.tanh(u), (jnp.cos(psi) / jnp.cosh(u) if with_p2 else None)
     if cfg.mode == "table":
-        return _interp(table.coef, z, cfg.z_max, with_p2)
+        y = hermite_eval(table.coef, table.grid, z)
+        return y[..., 0], (y[..., 1] if with_p2 else None)
     # "ode" / "sde": one solve per neuron
     shared = params.batch_shape == ()
     flat = z.reshape(-1) if shared else z
@@ -298,7 +403,7 @@ class MTJActivation(eqx.Module):
     read_noise: float = eqx.field(static=True)
     solver: str = eqx.field(static=True)
     steps: int = eqx.field(static=True)
-    n_grid: int = eqx.field(static=True)
+    grid: TableGrid
     chunk: int = eqx.field(static=True)
     train_device: bool = eqx.field(static=True)
 
@@ -313,7 +418,7 @@ class MTJActivation(eqx.Module):
         read_noise: float = 0.0,
         solver: str | None = None,
         steps: int | None = None,
-        n_grid: int = DEFAULT_N_GRID,
+        n_grid: int | None = None,
         chunk: int = DEFAULT_CHUNK,
         train_device: bool = False,
     ):
@@ -321,8 +426,10 @@ class MTJActivation(eqx.Module):
         neuron; default `DeviceParams.paper()`. `input_scale` (A per unit z): default
         `current_scale` of the device (mean over a batch). `z_max`: driver saturation,
         I_max = z_max * input_scale. `read_noise`: std of the read-out noise in units of the
-        normalized signal. `solver`/`steps`: pulse solver of "ode"/"table" (default
-        rk4_scan, 10 steps) and "sde" (heun_scan, 200 steps). `n_grid`: table nodes.
+        normalized signal. `solver`/`steps`: pulse solver of "ode"/"table" (default rk4_scan)
+        and "sde" (heun_scan); steps default to a count chosen from the dynamics of every
+        device over the input range (`pulse_steps`), and too few raise. `n_grid`: table nodes
+        (default: enough for the steepest device, see `TableGrid.for_devices`).
         `chunk`: "ode"/"sde" solve this many neurons at a time (`lax.map`; 0 = all).
         `train_device`: let gradients reach params/input_scale (co-design)."""
         params = DeviceParams.paper() if params is None else params
@@ -335,10 +442,13 @@ class MTJActivation(eqx.Module):
             )
         if solver is None:
             solver = "heun_scan" if mode == "sde" else "rk4_scan"
-        if steps is None:
-            steps = DEFAULT_SDE_STEPS if mode == "sde" else DEFAULT_ODE_STEPS
         z_max, read_noise = float(z_max), float(read_noise)
         _check_mode_args(mode, derivative, solver, steps, n_grid, z_max, read_noise)
+        if mode == "analytic" and (bad := closed_form_violations(params)):
+            raise ValueError(
+                f"mode='analytic': the closed form does not describe these params "
+                f"({', '.join(bad)}); use mode='table' or 'ode'"
+            )
         if input_scale is None:
             input_scale = jnp.mean(current_scale(params))
         input_scale = jnp.asarray(input_scale, dtype=jnp.result_type(float))
@@ -346,6 +456,9 @@ class MTJActivation(eqx.Module):
             raise ValueError(f"input_scale: expected a scalar (A), got shape {input_scale.shape}")
         if not isinstance(input_scale, jax.core.Tracer) and not float(input_scale) > 0:
             raise ValueError(f"input_scale: must be > 0 (A), got {float(input_scale)}")
+        grid = TableGrid.for_devices(params, input_scale, z_max, n_grid)
+        floor = DEFAULT_SDE_STEPS if mode == "sde" else DEFAULT_ODE_STEPS
+        steps = pulse_steps(params, grid.reach * input_scale, solver, steps, floor)
         self.params = params
         self.input_scale = input_scale
         self.mode = mode
@@ -354,7 +467,7 @@ class MTJActivation(eqx.Module):
         self.read_noise = read_noise
         self.solver = solver
         self.steps = int(steps)
-        self.n_grid = int(n_grid)
+        self.grid = grid
         if int(chunk) != chunk or chunk < 0:
             raise ValueError(f"chunk: must be an integer >= 0, got {chunk!r}")
         self.chunk = int(chunk)
@@ -362,13 +475,18 @@ class MTJActivation(eqx.Module):
         self.table = None
         if mode == "table":
             self.table = build_table(
-                params, input_scale, z_max, self.n_grid, solver=solver, steps=self.steps
+                params, input_scale, solver=solver, steps=self.steps, grid=grid
             )
 
     @property
     def n_devices(self) -> int | None:
         """Number of per-neuron devices, or None for one shared device."""
         return self.params.batch_shape[0] if self.params.batch_shape else None
+
+    @property
+    def n_grid(self) -> int:
+        """Number of table nodes."""
+        return self.grid.n_grid
 
     @property
     def max_current(self) -> Float[Array, ""]:
@@ -381,12 +499,7 @@ class MTJActivation(eqx.Module):
         if self.mode != "table":
             return self
         table = build_table(
-            self.params,
-            self.input_scale,
-            self.z_max,
-            self.n_grid,
-            solver=self.solver,
-            steps=self.steps,
+            self.params, self.input_scale, solver=self.solver, steps=self.steps, grid=self.grid
         )
         return eqx.tree_at(lambda a: a.table, self, table)
 
