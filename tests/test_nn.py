@@ -42,9 +42,11 @@ def test_ode_forward_equals_pulse_response_readout(acts):
 
     @jax.jit
     def run(z):
-        m = jax.vmap(lambda zz: mtjax.pulse_response(PAPER, zz * i_s, solver="rk4_scan", steps=acts["ode"].steps))(
-            z
-        )
+        m = jax.vmap(
+            lambda zz: mtjax.pulse_response(
+                PAPER, zz * i_s, solver="rk4_scan", steps=acts["ode"].steps
+            )
+        )(z)
         ref = readout.projection_from_conductance(PAPER, readout.conductance(PAPER, m, 1), 1)
         return m, ref, acts["ode"](z), acts["ode"].read(z)
 

@@ -51,7 +51,9 @@ def test_fifty_percent_variation_tables_match_adaptive_solver():
     ref = jax.jit(
         jax.vmap(
             jax.vmap(
-                lambda q, z: mtjax.pulse_response(q, z * I_S, rtol=1e-8, atol=1e-8, max_steps=2**17),
+                lambda q, z: mtjax.pulse_response(
+                    q, z * I_S, rtol=1e-8, atol=1e-8, max_steps=2**17
+                ),
                 in_axes=(0, None),
             ),
             in_axes=(None, 0),
