@@ -3,27 +3,39 @@
 `load` returns ``(images, labels)``: images uint8 ``(N, H, W, C)``, labels int32 ``(N,)``.
 The arrays are cached in-process and returned read-only; copy them to modify.
 
-Sources, tried in order until one has the data:
+Where the data comes from:
 
-1. ``data_dir`` (argument), else the environment variable ``MTJAX_DATA_DIR``: a folder with
-   the raw files. Fashion-MNIST: ``train-images-idx3-ubyte.gz``, ``train-labels-idx1-ubyte.gz``,
-   ``t10k-images-idx3-ubyte.gz``, ``t10k-labels-idx1-ubyte.gz`` (``.gz`` optional; in the folder
-   or its ``fashion-mnist/`` subfolder). CIFAR-100: the ``cifar-100-python/`` folder from
-   https://www.cs.toronto.edu/~kriz/cifar.html (the folder itself or its parent).
-2. Fashion-MNIST only: the Debian package ``dataset-fashion-mnist``
-   (``/usr/share/datasets/fashion-mnist``).
-3. tensorflow-datasets (``tfds.data_source``, then ``tfds.load``), which may download.
+- A folder given as ``data_dir`` (argument), else by the environment variable ``MTJAX_DATA_DIR``:
+  only that folder is used, and it must hold the dataset, else `DatasetNotFoundError` names what
+  is missing. Either the raw files -- Fashion-MNIST: ``train-images-idx3-ubyte``,
+  ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (``.gz``
+  optional; in the folder or its ``fashion-mnist/`` subfolder); CIFAR-100: ``train`` and ``test``
+  of the ``cifar-100-python/`` folder from https://www.cs.toronto.edu/~kriz/cifar.html (the
+  folder itself or its parent) -- or a tensorflow-datasets copy prepared in that folder.
+- Without a folder: the Debian package ``dataset-fashion-mnist``
+  (``/usr/share/datasets/fashion-mnist``, Fashion-MNIST only), then tensorflow-datasets' own
+  folder.
 
-A source whose files are absent is skipped; files that are present but malformed raise
-`DataFormatError`. If no source has the data, `DatasetNotFoundError` lists every source tried.
-CIFAR-100 files are Python pickles: only load them from a source you trust.
+Train and test always come from one source: a folder holding the files of only one split is an
+error. Files that are present but malformed raise `DataFormatError`.
+
+Downloads are opt-in (``download=True``): tensorflow-datasets then downloads and prepares the
+dataset as ``array_record`` files. Preparing needs TensorFlow; reading them does not.
+
+CIFAR-100 files are Python pickles. They are read with an unpickler that admits only the globals
+such files use (NumPy array reconstruction, and ``_codecs.encode`` that Python 3 writes for bytes
+at protocol 2); any other global, such as ``os.system`` in a crafted file, is refused with a
+`DataFormatError` before it is called.
 
 Normalization (`normalize`): ``(x / 255 - mean) / std`` per channel, in float32; the defaults
 ``mean = std = 0.5`` map pixels to ``[-1, 1]``.
+
+Synthetic files in these formats: `mtjax.testing`.
 """
 
 from __future__ import annotations
 
+import codecs
 import functools
 import gzip
 import math
@@ -35,8 +47,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 
 import numpy as np
-
-from mtjax.fileio import atomic_write_bytes
+from numpy._core.multiarray import _reconstruct
 
 __all__ = [
     "DEBIAN_FASHION_MNIST_DIR",
@@ -48,8 +59,6 @@ __all__ = [
     "load",
     "normalize",
     "num_batches",
-    "write_cifar100_python",
-    "write_idx",
 ]
 
 StrPath = str | os.PathLike[str]
@@ -82,6 +91,17 @@ _CIFAR_DIRNAME = "cifar-100-python"
 _CIFAR_PIXELS = 3 * 32 * 32
 _NUM_CLASSES = {"fashion_mnist": 10, "fine": 100, "coarse": 20}
 
+#: The only globals a CIFAR-100 pickle may name, as the unpickler sees them. The originals
+#: (Python 2 cPickle, protocol 2) use the three NumPy ones; Python 3 at protocol 2 writes
+#: ``numpy._core`` and ``_codecs.encode(text, "latin1")`` for bytes.
+_PICKLE_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,
+    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "dtype"): np.dtype,
+    ("_codecs", "encode"): codecs.encode,
+}
+
 
 class DatasetNotFoundError(FileNotFoundError):
     """No source has the dataset; ``reasons`` holds ``(source, why)`` for each source tried."""
@@ -95,11 +115,15 @@ class DatasetNotFoundError(FileNotFoundError):
 
 
 class DataFormatError(ValueError):
-    """A dataset file is present but malformed; the message names the file."""
+    """A dataset file is present but malformed or unsafe; the message names the file."""
 
 
 class _SourceUnavailable(Exception):
     """A source does not have the data (as opposed to having bad data)."""
+
+
+class _Incomplete(Exception):
+    """A folder holds some of a dataset's raw files but not all (both splits) of them."""
 
 
 # --------------------------------------------------------------------------- argument checks
@@ -117,7 +141,7 @@ def _check_args(name: str, split: str | None, label: str) -> None:
 
 
 def _user_dir(data_dir: StrPath | None) -> tuple[str, Path | None]:
-    """The folder of source 1 and a description of where it came from."""
+    """The user's folder (None if not given) and a description of where it came from."""
     if data_dir is not None:
         return f"data_dir={os.fspath(data_dir)!r}", Path(data_dir).expanduser()
     env = os.environ.get(ENV_VAR, "")
@@ -143,29 +167,69 @@ def _stat_key(path: Path) -> tuple[str, int, int]:
     return str(path.resolve()), st.st_mtime_ns, st.st_size
 
 
+def _check_labels(where: object, labels: np.ndarray, n_classes: int, what: str = "labels") -> None:
+    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
+        bad = int(np.flatnonzero((labels < 0) | (labels >= n_classes))[0])
+        raise DataFormatError(
+            f"{where}: {what}[{bad}] = {int(labels[bad])} outside 0..{n_classes - 1}"
+        )
+
+
+# --------------------------------------------------------------------------- raw files
+
+
+def _raw_layout(name: str, folder: Path) -> tuple[tuple[Path, ...], dict[str, tuple[str, ...]]]:
+    """Candidate folders, in order, and the file stems of each split."""
+    if name == "fashion_mnist":
+        stems = {
+            s: (f"{p}-images-idx3-ubyte", f"{p}-labels-idx1-ubyte") for s, p in _IDX_PREFIX.items()
+        }
+        return (folder, folder / "fashion-mnist"), stems
+    return (folder / _CIFAR_DIRNAME, folder), {s: (s,) for s in SPLITS}
+
+
+def _expected(name: str, folder: Path) -> str:
+    """The raw files ``load`` looks for in ``folder``, in words."""
+    cands, stems = _raw_layout(name, folder)
+    files = ", ".join(s for split in SPLITS for s in stems[split])
+    if name == "fashion_mnist":
+        return f"{files} (.gz optional) in {cands[0]} or {cands[1]}"
+    return f"{files} in {cands[0]} or {cands[1]}"
+
+
+def _raw_files(name: str, folder: Path) -> dict[str, tuple[Path, ...]] | None:
+    """The raw files of both splits, ``{split: paths}``; None if ``folder`` has none of them.
+
+    The first candidate folder holding any of the files must hold all of them (`_Incomplete`).
+    """
+    cands, stems = _raw_layout(name, folder)
+    for cand in cands:
+        found: dict[str, Path | None] = {}
+        for stem in (s for split in SPLITS for s in stems[split]):
+            exts = ("", ".gz") if name == "fashion_mnist" else ("",)
+            hits = [cand / f"{stem}{e}" for e in exts if (cand / f"{stem}{e}").is_file()]
+            found[stem] = hits[0] if hits else None
+        if not any(found.values()):
+            continue
+        missing = [str(cand / s) + ("[.gz]" if name == "fashion_mnist" else "")
+                   for s, p in found.items() if p is None]  # fmt: skip
+        if missing:
+            have = ", ".join(p.name for p in found.values() if p is not None)
+            raise _Incomplete(f"{cand} has {have} but lacks {', '.join(missing)}")
+        return {split: tuple(found[s] for s in stems[split]) for split in SPLITS}
+    return None
+
+
+def _read_raw(name: str, files: tuple[Path, ...]):
+    """``(images, fine, coarse)`` from one split's raw files; coarse is None for Fashion-MNIST."""
+    if name == "fashion_mnist":
+        images_path, labels_path = files
+        images, labels = _read_fashion_mnist(_stat_key(images_path), _stat_key(labels_path))
+        return images, labels, None
+    return _read_cifar100(_stat_key(files[0]))
+
+
 # --------------------------------------------------------------------------- Fashion-MNIST (IDX)
-
-
-def _find_idx(folder: Path, split: str) -> tuple[Path, Path]:
-    """Images and labels files for ``split`` in ``folder`` or ``folder/fashion-mnist``."""
-    if not folder.is_dir():
-        raise _SourceUnavailable(f"{folder} is not a folder")
-    prefix = _IDX_PREFIX[split]
-    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
-    notes = []
-    for cand in (folder, folder / "fashion-mnist"):
-        found = []
-        for stem in stems:
-            hits = [p for p in (cand / stem, cand / f"{stem}.gz") if p.is_file()]
-            found.append(hits[0] if hits else None)
-        if all(found):
-            return found[0], found[1]
-        if any(found):
-            missing = [s for s, f in zip(stems, found, strict=True) if f is None]
-            notes.append(f"{cand} lacks {missing[0]}[.gz]")
-    if not notes:
-        notes.append(f"no {stems[0]}[.gz] in {folder} or {folder / 'fashion-mnist'}")
-    raise _SourceUnavailable("; ".join(notes))
 
 
 def _read_maybe_gzip(path: Path) -> bytes:
@@ -199,14 +263,6 @@ def _parse_idx(path: Path, data: bytes, magic: int, shape: tuple[int, ...]) -> n
     return np.frombuffer(data, np.uint8, offset=header).reshape(dims)
 
 
-def _check_labels(where: object, labels: np.ndarray, n_classes: int, what: str = "labels") -> None:
-    if labels.size and (labels.min() < 0 or labels.max() >= n_classes):
-        bad = int(np.flatnonzero((labels < 0) | (labels >= n_classes))[0])
-        raise DataFormatError(
-            f"{where}: {what}[{bad}] = {int(labels[bad])} outside 0..{n_classes - 1}"
-        )
-
-
 @functools.lru_cache(maxsize=8)
 def _read_fashion_mnist(
     images_key: tuple[str, int, int], labels_key: tuple[str, int, int]
@@ -222,28 +278,33 @@ def _read_fashion_mnist(
     return _readonly(images[..., None]), _readonly(labels.astype(np.int32))
 
 
-def _load_fashion_mnist_dir(folder: Path, split: str) -> tuple[np.ndarray, np.ndarray]:
-    images_path, labels_path = _find_idx(folder, split)
-    return _read_fashion_mnist(_stat_key(images_path), _stat_key(labels_path))
-
-
 # --------------------------------------------------------------------------- CIFAR-100 (pickle)
 
 
-def _find_cifar(folder: Path, filename: str) -> Path:
-    """``filename`` in ``folder/cifar-100-python`` or ``folder``."""
-    if not folder.is_dir():
-        raise _SourceUnavailable(f"{folder} is not a folder")
-    for cand in (folder / _CIFAR_DIRNAME, folder):
-        if (cand / filename).is_file():
-            return cand / filename
-    raise _SourceUnavailable(f"no {_CIFAR_DIRNAME}/{filename} in {folder} (nor {filename})")
+class _CifarUnpickler(pickle.Unpickler):
+    """Unpickler that resolves only `_PICKLE_GLOBALS`; any other global is a `DataFormatError`."""
+
+    def __init__(self, file, path: Path) -> None:
+        super().__init__(file, encoding="bytes")
+        self._path = path
+
+    def find_class(self, module: str, name: str):
+        try:
+            return _PICKLE_GLOBALS[module, name]
+        except KeyError:
+            raise DataFormatError(
+                f"{self._path}: refused global '{module}.{name}': a CIFAR-100 file holds only "
+                "dicts, lists, bytes, numbers and NumPy arrays (is this file from "
+                f"{CIFAR_URL}?)"
+            ) from None
 
 
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            obj = pickle.load(f, encoding="bytes")
+            obj = _CifarUnpickler(f, path).load()
+    except DataFormatError:
+        raise
     except Exception as e:  # pickle raises many types on bad input
         raise DataFormatError(f"{path}: cannot unpickle: {type(e).__name__}: {e}") from e
     if not isinstance(obj, dict):
@@ -262,11 +323,16 @@ def _read_cifar100(key: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray, n
     path = Path(key[0])
     obj = _unpickle(path)
     _require_keys(path, obj, (b"data", b"fine_labels", b"coarse_labels"))
-    data = np.asarray(obj[b"data"])
-    if data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != _CIFAR_PIXELS:
+    data = obj[b"data"]
+    if (
+        not isinstance(data, np.ndarray)
+        or data.dtype != np.uint8
+        or data.ndim != 2
+        or data.shape[1] != _CIFAR_PIXELS
+    ):
         raise DataFormatError(
-            f"{path}: b'data' has shape {data.shape} dtype {data.dtype}, "
-            f"expected (N, {_CIFAR_PIXELS}) uint8"
+            f"{path}: b'data' is {type(data).__name__} {getattr(data, 'shape', '')} "
+            f"{getattr(data, 'dtype', '')}, expected a uint8 array (N, {_CIFAR_PIXELS})"
         )
     n = len(data)
     out = []
@@ -283,11 +349,6 @@ def _read_cifar100(key: tuple[str, int, int]) -> tuple[np.ndarray, np.ndarray, n
     return _readonly(images), out[0], out[1]
 
 
-def _load_cifar100_dir(folder: Path, split: str, label: str) -> tuple[np.ndarray, np.ndarray]:
-    images, fine, coarse = _read_cifar100(_stat_key(_find_cifar(folder, split)))
-    return images, fine if label == "fine" else coarse
-
-
 def _decode_names(path: Path, obj: dict, key: bytes, n: int) -> list[str]:
     names = obj[key]
     if not isinstance(names, list | tuple) or len(names) != n:
@@ -298,42 +359,57 @@ def _decode_names(path: Path, obj: dict, key: bytes, n: int) -> list[str]:
 # --------------------------------------------------------------------------- tensorflow-datasets
 
 
+def _tfds_failure(e: Exception, name: str, download: bool, builder) -> str:
+    """Why tensorflow-datasets could not give the data, in words."""
+    if isinstance(e, ModuleNotFoundError) and e.name == "tensorflow":
+        return (
+            f"preparing {name} needs TensorFlow, which is not installed (`pip install "
+            "tensorflow`); the prepared array_record files are then read without it"
+        )
+    if not download and builder is not None and not builder.is_prepared():
+        return f"not prepared in {builder.data_dir} (download=False)"
+    return f"{type(e).__name__}: {e}"
+
+
 @functools.lru_cache(maxsize=4)
-def _load_tfds(
-    name: str, split: str, data_dir: str | None, label: str, download: bool = True
-) -> tuple[np.ndarray, np.ndarray]:
-    """Load through tensorflow-datasets; raise `_SourceUnavailable` with the reasons on failure."""
-    key = "coarse_label" if label == "coarse" else "label"
+def _load_tfds(name: str, split: str, data_dir: str | None, download: bool):
+    """``(images, fine, coarse)`` through tensorflow-datasets' array_record data source.
+
+    ``download=True`` downloads and prepares the dataset first (a no-op once prepared).
+    Raises `_SourceUnavailable` with the reason when tensorflow-datasets cannot give the data.
+    """
     try:
         import tensorflow_datasets as tfds
     except Exception as e:
         raise _SourceUnavailable(f"cannot import tensorflow_datasets: {e}") from e
-    errors = []
+    builder = None
     try:
-        source = tfds.data_source(name, split=split, data_dir=data_dir, download=download)
+        builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
+        if download:
+            builder.download_and_prepare()
+        source = builder.as_data_source(split=split)
         examples = [source[i] for i in range(len(source))]
-        images = np.stack([np.asarray(ex["image"]) for ex in examples])
-        labels = np.asarray([ex[key] for ex in examples])
     except Exception as e:
-        errors.append(f"tfds.data_source: {type(e).__name__}: {e}")
-        try:
-            ds = tfds.as_numpy(
-                tfds.load(name, split=split, data_dir=data_dir, batch_size=-1, download=download)
-            )
-            images, labels = np.asarray(ds["image"]), np.asarray(ds[key])
-        except Exception as e2:
-            errors.append(f"tfds.load: {type(e2).__name__}: {e2}")
-            raise _SourceUnavailable("; ".join(errors)) from e2
+        raise _SourceUnavailable(_tfds_failure(e, name, download, builder)) from e
     where = f"tfds:{name}/{split}"
     want = (28, 28, 1) if name == "fashion_mnist" else (32, 32, 3)
-    if images.dtype != np.uint8 or images.shape[1:] != want or len(labels) != len(images):
+    try:
+        images = np.stack([np.asarray(ex["image"]) for ex in examples])
+        keys = ("label",) if name == "fashion_mnist" else ("label", "coarse_label")
+        labels = [np.asarray([ex[k] for ex in examples]) for k in keys]
+    except (KeyError, ValueError) as e:
+        raise DataFormatError(f"{where}: unexpected examples: {type(e).__name__}: {e}") from e
+    if images.dtype != np.uint8 or images.shape[1:] != want:
         raise DataFormatError(
-            f"{where}: images {images.shape} {images.dtype}, labels {labels.shape}"
+            f"{where}: images {images.shape} {images.dtype}, expected (N, {want}) uint8"
         )
-    _check_labels(
-        where, labels, _NUM_CLASSES["fashion_mnist" if name == "fashion_mnist" else label]
-    )
-    return _readonly(np.ascontiguousarray(images)), _readonly(labels.astype(np.int32))
+    n_classes = (10,) if name == "fashion_mnist" else (100, 20)
+    for k, lab, n in zip(keys, labels, n_classes, strict=True):
+        if lab.shape != (len(images),) or not np.issubdtype(lab.dtype, np.integer):
+            raise DataFormatError(f"{where}: {k} {lab.shape} {lab.dtype} for {len(images)} images")
+        _check_labels(where, lab, n, k)
+    out = [_readonly(lab.astype(np.int32)) for lab in labels]
+    return _readonly(np.ascontiguousarray(images)), out[0], out[1] if len(out) > 1 else None
 
 
 # --------------------------------------------------------------------------- public API
@@ -342,12 +418,72 @@ def _load_tfds(
 def _how_to_get(name: str) -> str:
     if name == "fashion_mnist":
         local = (
-            "`apt-get install dataset-fashion-mnist`, or set "
-            f"{ENV_VAR} to a folder holding the four *-idx?-ubyte.gz files"
+            "`apt-get install dataset-fashion-mnist`, or pass a folder holding the four "
+            "*-idx?-ubyte.gz files as data_dir (scripts: --data-dir) or in "
+            f"${ENV_VAR}"
         )
     else:
-        local = f"set {ENV_VAR} to a folder containing {_CIFAR_DIRNAME}/ from {CIFAR_URL}"
-    return f"To get the data: {local}; or give tensorflow-datasets internet access to download it."
+        local = (
+            f"pass a folder holding {_CIFAR_DIRNAME}/ from {CIFAR_URL} as data_dir "
+            f"(scripts: --data-dir) or in ${ENV_VAR}"
+        )
+    return (
+        f"To get the data: {local}; or pass download=True (scripts: --download) to let "
+        "tensorflow-datasets download and prepare it (needs internet and TensorFlow)."
+    )
+
+
+def _from_folder(desc: str, folder: Path, name: str, split: str, download: bool):
+    """``(images, fine, coarse)`` from the user's folder, which must hold the dataset."""
+    if not folder.is_dir():
+        why = f"{folder} is not a folder"
+        msg = f"cannot load {name!r}: {desc}: {why}.\n{_how_to_get(name)}"
+        raise DatasetNotFoundError(msg, [(desc, why)])
+    try:
+        files = _raw_files(name, folder)
+    except _Incomplete as e:
+        msg = (
+            f"cannot load {name!r} from {desc}: incomplete raw files: {e}. Train and test "
+            f"must come from the same folder.\n{_how_to_get(name)}"
+        )
+        raise DatasetNotFoundError(msg, [(desc, str(e))]) from None
+    if files is not None:
+        return _read_raw(name, files[split])
+    try:
+        return _load_tfds(name, split, str(folder), download)
+    except _SourceUnavailable as e:
+        reasons = [
+            (f"{desc}: raw files", f"no {_expected(name, folder)}"),
+            (f"{desc}: tensorflow-datasets", str(e)),
+        ]
+        lines = [f"cannot load {name!r} split {split!r}: {desc} does not hold it:"]
+        lines += [f"  {i}. {src}: {why}" for i, (src, why) in enumerate(reasons, 1)]
+        lines.append(_how_to_get(name))
+        raise DatasetNotFoundError("\n".join(lines), reasons) from None
+
+
+def _from_defaults(desc: str, name: str, split: str, download: bool):
+    """``(images, fine, coarse)`` from the Debian copy, then tensorflow-datasets' folder."""
+    reasons = [(desc, "not set")]
+    if name == "fashion_mnist":
+        debian = Path(DEBIAN_FASHION_MNIST_DIR)
+        src = f"Debian package dataset-fashion-mnist ({debian})"
+        try:
+            files = _raw_files(name, debian) if debian.is_dir() else None
+        except _Incomplete as e:
+            reasons.append((src, f"skipped, incomplete: {e}"))
+        else:
+            if files is not None:
+                return _read_raw(name, files[split])
+            reasons.append((src, f"not installed: no {_expected(name, debian)}"))
+    try:
+        return _load_tfds(name, split, None, download)
+    except _SourceUnavailable as e:
+        reasons.append(("tensorflow-datasets (its default folder)", str(e)))
+    lines = [f"cannot load {name!r} split {split!r}; sources tried:"]
+    lines += [f"  {i}. {src}: {why}" for i, (src, why) in enumerate(reasons, 1)]
+    lines.append(_how_to_get(name))
+    raise DatasetNotFoundError("\n".join(lines), reasons)
 
 
 def load(
@@ -356,50 +492,21 @@ def load(
     *,
     data_dir: StrPath | None = None,
     label: str = "fine",
-    download: bool = True,
+    download: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Return read-only ``(images uint8 (N,H,W,C), labels int32 (N,))`` for ``split``.
 
     ``label`` selects CIFAR-100's ``"fine"`` (100) or ``"coarse"`` (20) classes.
-    ``download=False`` lets tensorflow-datasets use only data it has already prepared.
+    ``download=True`` lets tensorflow-datasets download and prepare a dataset no source has
+    (into ``data_dir`` when given). See the module docstring for the sources.
     """
     _check_args(name, split, label)
     desc, folder = _user_dir(data_dir)
-    reasons: list[tuple[str, str]] = []
-
-    def attempt(source: str, fn, *args):
-        try:
-            images, labels = fn(*args)
-        except _SourceUnavailable as e:
-            reasons.append((source, str(e)))
-            return None
-        return _view(images), _view(labels)
-
-    if folder is None:
-        reasons.append((desc, "not set"))
+    if folder is not None:
+        images, fine, coarse = _from_folder(desc, folder, name, split, download)
     else:
-        fn = _load_fashion_mnist_dir if name == "fashion_mnist" else _load_cifar100_dir
-        args = (folder, split) if name == "fashion_mnist" else (folder, split, label)
-        if (got := attempt(desc, fn, *args)) is not None:
-            return got
-    if name == "fashion_mnist":
-        debian = Path(DEBIAN_FASHION_MNIST_DIR)
-        src = f"Debian package dataset-fashion-mnist ({debian})"
-        if (got := attempt(src, _load_fashion_mnist_dir, debian, split)) is not None:
-            return got
-    tfds_dir = None if folder is None else str(folder)
-    try:
-        got = attempt("tensorflow-datasets", _load_tfds, name, split, tfds_dir, label, download)
-        if got is not None:
-            return got
-    except DataFormatError:
-        raise
-    except Exception as e:  # a monkeypatched or broken tfds path: still a missing source
-        reasons.append(("tensorflow-datasets", f"{type(e).__name__}: {e}"))
-    lines = [f"cannot load {name!r} split {split!r}; sources tried:"]
-    lines += [f"  {i}. {src}: {why}" for i, (src, why) in enumerate(reasons, 1)]
-    lines.append(_how_to_get(name))
-    raise DatasetNotFoundError("\n".join(lines), reasons)
+        images, fine, coarse = _from_defaults(desc, name, split, download)
+    return _view(images), _view(coarse if label == "coarse" else fine)
 
 
 def class_names(name: str, *, data_dir: StrPath | None = None, label: str = "fine") -> list[str]:
@@ -408,13 +515,12 @@ def class_names(name: str, *, data_dir: StrPath | None = None, label: str = "fin
     if name == "fashion_mnist":
         return list(FASHION_MNIST_CLASSES)
     desc, folder = _user_dir(data_dir)
-    try:
-        if folder is None:
-            raise _SourceUnavailable("not set")
-        path = _find_cifar(folder, "meta")
-    except _SourceUnavailable as e:
-        msg = f"cannot find CIFAR-100 meta file; {desc}: {e}\n{_how_to_get(name)}"
-        raise DatasetNotFoundError(msg, [(desc, str(e))]) from None
+    cands = () if folder is None else (folder / _CIFAR_DIRNAME / "meta", folder / "meta")
+    path = next((p for p in cands if p.is_file()), None)
+    if path is None:
+        why = "not set" if folder is None else f"no {' or '.join(map(str, cands))}"
+        msg = f"cannot find the CIFAR-100 meta file; {desc}: {why}\n{_how_to_get(name)}"
+        raise DatasetNotFoundError(msg, [(desc, why)])
     obj = _unpickle(path)
     key, n = (b"fine_label_names", 100) if label == "fine" else (b"coarse_label_names", 20)
     _require_keys(path, obj, (key,))
@@ -475,75 +581,3 @@ def batches(
             yield images[idx], labels[idx], pos < n
 
     return gen()
-
-
-# --------------------------------------------------------------------------- writers
-
-
-def write_idx(path: StrPath, array: np.ndarray) -> Path:
-    """Write an unsigned-byte IDX file (gzip-compressed if ``path`` ends in ``.gz``)."""
-    path = Path(path)
-    a = np.asarray(array)
-    if a.dtype != np.uint8:
-        if not np.issubdtype(a.dtype, np.integer) or (a.size and (a.min() < 0 or a.max() > 255)):
-            raise ValueError(f"array must hold integers in 0..255, got dtype {a.dtype}")
-        a = a.astype(np.uint8)
-    if not 1 <= a.ndim <= 255:
-        raise ValueError(f"array must have 1..255 dimensions, got {a.ndim}")
-    header = bytes([0, 0, 0x08, a.ndim]) + struct.pack(f">{a.ndim}I", *a.shape)
-    data = header + np.ascontiguousarray(a).tobytes()
-    if path.name.endswith(".gz"):
-        data = gzip.compress(data, mtime=0)
-    atomic_write_bytes(path, data)
-    return path
-
-
-def _cifar_batch(split: str, images, fine, coarse) -> dict[bytes, object]:
-    x = np.asarray(images)
-    if x.dtype != np.uint8 or x.ndim != 4 or x.shape[1:] != (32, 32, 3):
-        raise ValueError(f"{split} images must be uint8 (N, 32, 32, 3), got {x.shape} {x.dtype}")
-    n = len(x)
-    labels = []
-    for what, lab, k in (("fine", fine, 100), ("coarse", coarse, 20)):
-        lab = np.asarray(lab)
-        if lab.shape != (n,) or (n and (lab.min() < 0 or lab.max() >= k)):
-            raise ValueError(f"{split} {what} labels must have shape ({n},) and lie in 0..{k - 1}")
-        labels.append([int(v) for v in lab])
-    batch_label = b"training batch 1 of 1" if split == "train" else b"testing batch 1 of 1"
-    return {
-        b"filenames": [f"synthetic_{split}_{i:05d}.png".encode() for i in range(n)],
-        b"batch_label": batch_label,
-        b"fine_labels": labels[0],
-        b"coarse_labels": labels[1],
-        b"data": np.ascontiguousarray(x.transpose(0, 3, 1, 2).reshape(n, _CIFAR_PIXELS)),
-    }
-
-
-def write_cifar100_python(
-    folder: StrPath,
-    *,
-    train: tuple[np.ndarray, np.ndarray, np.ndarray],
-    test: tuple[np.ndarray, np.ndarray, np.ndarray],
-    fine_names: Sequence[str] | None = None,
-    coarse_names: Sequence[str] | None = None,
-) -> Path:
-    """Write ``train``, ``test`` and ``meta`` in the ``cifar-100-python`` format into ``folder``.
-
-    ``train``/``test`` are ``(images uint8 (N,32,32,3), fine, coarse)``; names default to
-    ``fine_00``.. and ``coarse_00``... Pickle protocol 2, bytes keys, as the originals.
-    """
-    folder = Path(folder)
-    fine_names = [f"fine_{i:02d}" for i in range(100)] if fine_names is None else fine_names
-    coarse_names = [f"coarse_{i:02d}" for i in range(20)] if coarse_names is None else coarse_names
-    if len(fine_names) != 100 or len(coarse_names) != 20:
-        raise ValueError("fine_names needs 100 entries and coarse_names 20")
-    files = {
-        split: _cifar_batch(split, *parts) for split, parts in (("train", train), ("test", test))
-    }
-    files["meta"] = {
-        b"fine_label_names": [s.encode() for s in fine_names],
-        b"coarse_label_names": [s.encode() for s in coarse_names],
-    }
-    for filename, obj in files.items():
-        atomic_write_bytes(folder / filename, pickle.dumps(obj, protocol=2))
-    return folder

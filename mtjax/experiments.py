@@ -76,10 +76,10 @@ def load_arrays(
     train_subset: int | None = None,
     test_subset: int | None = None,
     label: str = "fine",
-    download: bool = True,
+    download: bool = False,
 ):
     """Normalized float32 `(x, y)` train and test arrays (first `*_subset` examples);
-    `download` is passed to `mtjax.data.load` (tensorflow-datasets may fetch the data)."""
+    `download=True` lets `mtjax.data.load` have tensorflow-datasets fetch missing data."""
     out = []
     for split, subset in (("train", train_subset), ("test", test_subset)):
         x, y = _data.load(dataset, split, data_dir=data_dir, label=label, download=download)

@@ -39,7 +39,7 @@ def parse_args(argv=None):
     ap.add_argument("--skip-cifar", action="store_true")
     ap.add_argument(
         "--download", action="store_true",
-        help="let tensorflow-datasets download CIFAR-100 (default: local files only)",
+        help="let tensorflow-datasets download datasets not found locally (needs TensorFlow)",
     )  # fmt: skip
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
@@ -87,7 +87,7 @@ def main(argv=None) -> dict:
     seeds = list(range(1 if q else args.seeds))
     epochs = 1 if q else args.epochs
     subsets = dict(train_subset=2000, test_subset=500) if q else {}
-    fm = ex.load_arrays("fashion_mnist", data_dir=args.data_dir, **subsets)
+    fm = ex.load_arrays("fashion_mnist", data_dir=args.data_dir, download=args.download, **subsets)
     base = ex.RunSpec(sizes=(784, 256, 10), epochs=epochs, **subsets)
     rows, report = [], {"settings": {"quick": q, "seeds": seeds, "epochs": epochs}}
 

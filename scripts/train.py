@@ -50,6 +50,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--dataset", default="fashion_mnist", choices=experiments.DATASETS)
     ap.add_argument("--data-dir", default=None, help="folder with the raw dataset files")
     ap.add_argument(
+        "--download", action="store_true",
+        help="let tensorflow-datasets download a dataset not found locally (needs TensorFlow)",
+    )  # fmt: skip
+    ap.add_argument(
         "--model", type=_sizes, default=None,
         help="MLP sizes (default 784-256-10; cifar100: 3072-256-100)",
     )  # fmt: skip
@@ -86,8 +90,9 @@ def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
     train_data, test_data = experiments.load_arrays(
-        args.dataset, data_dir=args.data_dir, train_subset=args.train_subset
-    )
+        args.dataset, data_dir=args.data_dir, train_subset=args.train_subset,
+        download=args.download,
+    )  # fmt: skip
     base = experiments.RunSpec(
         dataset=args.dataset, sizes=args.model, mode=args.mode, derivative=args.derivative,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,

@@ -10,6 +10,7 @@ import pytest
 
 from mtjax import data, train
 from mtjax.nn import MTJActivation, cifar_model, deploy
+from mtjax.testing import write_cifar100_python
 
 N_TRAIN, N_TEST = 3000, 200
 WIDTHS, GROUPS = (8, 16), 2  # tiny ResNet: the file runs in well under a minute
@@ -31,7 +32,7 @@ def cifar_dir(tmp_path_factory):
     colors = np.stack(np.meshgrid(*levels, indexing="ij"), -1).reshape(100, 3)
     patterns = np.repeat(np.repeat(rng.uniform(-60, 60, (100, 4, 4, 3)), 8, 1), 8, 2)
     folder = tmp_path_factory.mktemp("cifar") / "cifar-100-python"
-    data.write_cifar100_python(
+    write_cifar100_python(
         folder,
         train=_synthetic(N_TRAIN, rng, colors, patterns),
         test=_synthetic(N_TEST, rng, colors, patterns),

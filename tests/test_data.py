@@ -1,26 +1,50 @@
-"""Tests for mtjax.data: loading, validation, class names, normalization, batching."""
+"""Tests for mtjax.data: loading, sources, safe unpickling, tensorflow-datasets, class names,
+normalization, batching."""
 
 import gzip
+import importlib.util
+import os
 import pickle
+import pickletools
+import runpy
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from mtjax import data
+from mtjax import data, experiments
+from mtjax.testing import py2_pickle, write_cifar100_python, write_idx
 
+ROOT = Path(__file__).resolve().parents[1]
 DEBIAN = Path("/usr/share/datasets/fashion-mnist")
+_REAL_LOAD_TFDS = data._load_tfds
 
 
 @pytest.fixture(autouse=True)
 def _isolate(monkeypatch):
-    """No env var, and tfds never touched (it would try the network)."""
+    """No env var, and tfds never touched unless a test asks for `real_tfds`."""
     monkeypatch.delenv(data.ENV_VAR, raising=False)
 
     def no_tfds(*args, **kwargs):
         raise data._SourceUnavailable("disabled in tests")
 
     monkeypatch.setattr(data, "_load_tfds", no_tfds)
+
+
+@pytest.fixture
+def real_tfds(monkeypatch):
+    """The real tensorflow-datasets path, with an empty cache before and after."""
+    monkeypatch.setattr(data, "_load_tfds", _REAL_LOAD_TFDS)
+    _REAL_LOAD_TFDS.cache_clear()
+    yield pytest.importorskip("tensorflow_datasets")
+    _REAL_LOAD_TFDS.cache_clear()
+
+
+@pytest.fixture
+def no_debian(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "absent")
 
 
 # --------------------------------------------------------------------------- real Fashion-MNIST
@@ -64,24 +88,34 @@ def _write_split(folder, split="train", gz=True, n=7, seed=0):
     prefix = {"train": "train", "test": "t10k"}[split]
     ext = ".gz" if gz else ""
     images, labels = _tiny(n, seed)
-    ip = data.write_idx(Path(folder) / f"{prefix}-images-idx3-ubyte{ext}", images)
-    lp = data.write_idx(Path(folder) / f"{prefix}-labels-idx1-ubyte{ext}", labels)
+    ip = write_idx(Path(folder) / f"{prefix}-images-idx3-ubyte{ext}", images)
+    lp = write_idx(Path(folder) / f"{prefix}-labels-idx1-ubyte{ext}", labels)
     return images, labels, ip, lp
+
+
+def _write_both(folder, gz=True, n=7, seed=0):
+    """Both splits (test has n + 1 examples); returns {split: (images, labels, ip, lp)}."""
+    return {
+        "train": _write_split(folder, "train", gz, n, seed),
+        "test": _write_split(folder, "test", gz, n + 1, seed + 100),
+    }
 
 
 @pytest.mark.parametrize("gz", [True, False])
 @pytest.mark.parametrize("sub", ["", "fashion-mnist"])
 def test_idx_round_trip(tmp_path, gz, sub):
-    images, labels, _, _ = _write_split(tmp_path / sub, "test", gz=gz)
-    x, y = data.load("fashion_mnist", "test", data_dir=tmp_path)
-    np.testing.assert_array_equal(x[..., 0], images)
-    np.testing.assert_array_equal(y, labels)
-    assert x.shape == (7, 28, 28, 1) and y.dtype == np.int32
+    parts = _write_both(tmp_path / sub, gz=gz)
+    for split in ("train", "test"):
+        images, labels, _, _ = parts[split]
+        x, y = data.load("fashion_mnist", split, data_dir=tmp_path)
+        np.testing.assert_array_equal(x[..., 0], images)
+        np.testing.assert_array_equal(y, labels)
+        assert x.shape == (len(images), 28, 28, 1) and y.dtype == np.int32
 
 
 def test_env_var_source_and_reload_after_rewrite(tmp_path, monkeypatch):
     monkeypatch.setenv(data.ENV_VAR, str(tmp_path))
-    _write_split(tmp_path, "train", n=3, seed=1)
+    _write_both(tmp_path, n=3, seed=1)
     assert len(data.load("fashion_mnist", "train")[0]) == 3
     images, _, _, _ = _write_split(tmp_path, "train", n=5, seed=2)
     x, _ = data.load("fashion_mnist", "train")
@@ -89,10 +123,15 @@ def test_env_var_source_and_reload_after_rewrite(tmp_path, monkeypatch):
 
 
 def test_write_idx_header(tmp_path):
-    p = data.write_idx(tmp_path / "a-idx1-ubyte", np.arange(4, dtype=np.uint8))
+    p = write_idx(tmp_path / "a-idx1-ubyte", np.arange(4, dtype=np.uint8))
     assert p.read_bytes() == bytes([0, 0, 8, 1, 0, 0, 0, 4, 0, 1, 2, 3])
     with pytest.raises(ValueError):
-        data.write_idx(tmp_path / "b", np.array([256]))
+        write_idx(tmp_path / "b", np.array([256]))
+
+
+def test_writers_are_not_in_the_data_api():
+    for name in ("write_idx", "write_cifar100_python"):
+        assert not hasattr(data, name) and name not in data.__all__
 
 
 def _corrupt(kind, ip, lp):
@@ -103,7 +142,7 @@ def _corrupt(kind, ip, lp):
         ip.write_bytes(gzip.compress(bytes(raw)))
         return ip
     if kind == "dims":
-        data.write_idx(ip, np.zeros((7, 28, 27), np.uint8))
+        write_idx(ip, np.zeros((7, 28, 27), np.uint8))
         return ip
     if kind == "truncated":
         raw = gzip.decompress(lp.read_bytes())
@@ -121,10 +160,10 @@ def _corrupt(kind, ip, lp):
         lp.write_bytes(b"hello, not gzip")
         return lp
     if kind == "count":
-        data.write_idx(lp, np.zeros(6, np.uint8))
+        write_idx(lp, np.zeros(6, np.uint8))
         return lp
     if kind == "label":
-        data.write_idx(lp, np.array([0, 1, 2, 3, 10, 5, 6], np.uint8))
+        write_idx(lp, np.array([0, 1, 2, 3, 10, 5, 6], np.uint8))
         return lp
     raise AssertionError(kind)
 
@@ -134,7 +173,7 @@ def _corrupt(kind, ip, lp):
     ["magic", "dims", "truncated", "extra", "truncated_gzip", "not_gzip", "count", "label"],
 )
 def test_idx_corruption_raises(tmp_path, kind):
-    _, _, ip, lp = _write_split(tmp_path, "train")
+    _, _, ip, lp = _write_both(tmp_path)["train"]
     bad = _corrupt(kind, ip, lp)
     # Real data at the Debian path must not hide the corruption.
     with pytest.raises(data.DataFormatError, match=bad.name) as info:
@@ -143,52 +182,134 @@ def test_idx_corruption_raises(tmp_path, kind):
 
 
 def test_uncompressed_truncated(tmp_path):
-    _, _, ip, _ = _write_split(tmp_path, "test", gz=False)
+    _, _, ip, _ = _write_both(tmp_path, gz=False)["test"]
     ip.write_bytes(ip.read_bytes()[:100])
     with pytest.raises(data.DataFormatError, match="truncated"):
         data.load("fashion_mnist", "test", data_dir=tmp_path)
 
 
-# --------------------------------------------------------------------------- missing data
+# --------------------------------------------------------------------------- sources
 
 
-def test_nothing_found_lists_all_sources(tmp_path, monkeypatch):
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "absent")
+@pytest.fixture
+def fake_debian(tmp_path, monkeypatch):
+    """A complete tiny Debian copy, so that any fallback to it would show."""
+    folder = tmp_path / "debian"
+    _write_both(folder, n=2, seed=9)
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", folder)
+    return folder
+
+
+def test_default_sources_listed(no_debian):
     with pytest.raises(data.DatasetNotFoundError) as info:
-        data.load("fashion_mnist", "train", data_dir=tmp_path)
+        data.load("fashion_mnist", "train")
     err = info.value
     assert isinstance(err, FileNotFoundError)
+    assert [src.split(" ")[0] for src, _ in err.reasons] == [
+        "data_dir",
+        "Debian",
+        "tensorflow-datasets",
+    ]
     msg = str(err)
-    assert len(err.reasons) == 3
-    for needle in (str(tmp_path), "absent", "tensorflow-datasets", "disabled in tests"):
+    for needle in (
+        "not set",
+        "absent",
+        "disabled in tests",
+        "apt-get install dataset-fashion-mnist",
+    ):
         assert needle in msg
-    assert "apt-get install dataset-fashion-mnist" in msg and data.ENV_VAR in msg
+    assert data.ENV_VAR in msg and "download=True" in msg and "--download" in msg
 
 
-def test_nothing_found_cifar(tmp_path):
-    with pytest.raises(data.DatasetNotFoundError) as info:
-        data.load("cifar100", "test")
-    msg = str(info.value)
-    assert "not set" in msg and "tensorflow-datasets" in msg
-    assert "cifar-100-python" in msg and "https://www.cs.toronto.edu/~kriz/cifar.html" in msg
-    with pytest.raises(data.DatasetNotFoundError):
-        data.class_names("cifar100", data_dir=tmp_path)
-
-
-def test_incomplete_folder_falls_through_to_tfds(tmp_path, monkeypatch):
-    _write_split(tmp_path, "train")
-    (tmp_path / "train-labels-idx1-ubyte.gz").unlink()
-    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", tmp_path / "absent")
-    images, labels = _tiny(4)
+def test_default_order_debian_then_tfds(fake_debian, monkeypatch):
     calls = []
 
-    def fake_tfds(name, split, data_dir, label, download):
-        calls.append((name, split, data_dir, label, download))
-        return images[..., None], labels.astype(np.int32)
+    def fake_tfds(name, split, data_dir, download):
+        calls.append((name, split, data_dir, download))
+        images, labels = _tiny(4)
+        return images[..., None], labels.astype(np.int32), None
 
     monkeypatch.setattr(data, "_load_tfds", fake_tfds)
-    x, _ = data.load("fashion_mnist", "train", data_dir=tmp_path)
-    assert len(x) == 4 and calls == [("fashion_mnist", "train", str(tmp_path), "fine", True)]
+    assert len(data.load("fashion_mnist", "train")[0]) == 2 and calls == []  # Debian first
+    monkeypatch.setattr(data, "DEBIAN_FASHION_MNIST_DIR", fake_debian.parent / "absent")
+    assert len(data.load("fashion_mnist", "test")[0]) == 4
+    assert len(data.load("cifar100", "test")[0]) == 4  # (fake data; cifar has no Debian copy)
+    assert calls == [("fashion_mnist", "test", None, False), ("cifar100", "test", None, False)]
+    data.load("fashion_mnist", "test", download=True)
+    assert calls[-1] == ("fashion_mnist", "test", None, True)
+
+
+def test_incomplete_debian_copy_is_skipped_for_both_splits(fake_debian, monkeypatch):
+    (fake_debian / "t10k-labels-idx1-ubyte.gz").unlink()
+    calls = []
+
+    def fake_tfds(name, split, data_dir, download):
+        calls.append(split)
+        images, labels = _tiny(5)
+        return images[..., None], labels.astype(np.int32), None
+
+    monkeypatch.setattr(data, "_load_tfds", fake_tfds)
+    for split in ("train", "test"):  # train must not come from Debian while test comes from tfds
+        assert len(data.load("fashion_mnist", split)[0]) == 5
+    assert calls == ["train", "test"]
+
+
+@pytest.mark.parametrize("how", ["argument", "env"])
+def test_missing_folder_is_an_error(tmp_path, fake_debian, monkeypatch, how):
+    folder = tmp_path / "nonexistent"
+    if how == "env":
+        monkeypatch.setenv(data.ENV_VAR, str(folder))
+    kwargs = {"data_dir": folder} if how == "argument" else {}
+    with pytest.raises(data.DatasetNotFoundError, match=f"{folder} is not a folder") as info:
+        data.load("fashion_mnist", "train", **kwargs)
+    assert (data.ENV_VAR if how == "env" else "data_dir=") in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["fashion_mnist", "cifar100"])
+def test_empty_folder_is_an_error(tmp_path, fake_debian, name):
+    folder = tmp_path / "empty"
+    folder.mkdir()
+    with pytest.raises(data.DatasetNotFoundError) as info:
+        data.load(name, "train", data_dir=folder)
+    msg = str(info.value)
+    assert f"data_dir={str(folder)!r} does not hold it" in msg
+    expected = "t10k-labels-idx1-ubyte" if name == "fashion_mnist" else "cifar-100-python"
+    assert expected in msg and "disabled in tests" in msg and "--download" in msg
+
+
+def test_folder_with_only_train_files_is_an_error(tmp_path, fake_debian):
+    _write_split(tmp_path, "train")
+    for split in ("train", "test"):
+        with pytest.raises(data.DatasetNotFoundError, match="lacks") as info:
+            data.load("fashion_mnist", split, data_dir=tmp_path)
+        msg = str(info.value)
+        for stem in ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"):
+            assert str(tmp_path / stem) in msg
+        assert "train-images" not in msg.split("lacks")[1]
+
+
+def test_cifar_folder_with_only_train_is_an_error(tmp_path):
+    _cifar(tmp_path / "cifar-100-python")
+    (tmp_path / "cifar-100-python" / "test").unlink()
+    for split in ("train", "test"):
+        with pytest.raises(data.DatasetNotFoundError) as info:
+            data.load("cifar100", split, data_dir=tmp_path)
+        assert f"lacks {tmp_path / 'cifar-100-python' / 'test'}" in str(info.value)
+
+
+def test_load_arrays_does_not_download_by_default(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_tfds(name, split, data_dir, download):
+        calls.append(download)
+        raise data._SourceUnavailable("fake")
+
+    monkeypatch.setattr(data, "_load_tfds", fake_tfds)
+    with pytest.raises(data.DatasetNotFoundError):
+        experiments.load_arrays("cifar100")
+    with pytest.raises(data.DatasetNotFoundError):
+        experiments.load_arrays("cifar100", data_dir=tmp_path, download=True)
+    assert calls == [False, True]
 
 
 def test_argument_errors():
@@ -200,6 +321,133 @@ def test_argument_errors():
         data.load("cifar100", "train", label="medium")
     with pytest.raises(ValueError, match="label"):
         data.load("fashion_mnist", "train", label="coarse")
+
+
+# --------------------------------------------------------------------------- scripts/train.py
+
+
+def _train_main():
+    return runpy.run_path(str(ROOT / "scripts" / "train.py"))["main"]
+
+
+def test_train_script_nonexistent_data_dir(tmp_path, fake_debian):
+    folder = tmp_path / "nonexistent"
+    argv = ["--data-dir", str(folder), "--epochs", "1", "--no-progress", "--out", str(tmp_path)]
+    with pytest.raises(data.DatasetNotFoundError, match=f"{folder} is not a folder"):
+        _train_main()(argv)
+
+
+def test_train_script_download_flag(tmp_path, monkeypatch):
+    calls = []
+
+    def fake_tfds(name, split, data_dir, download):
+        calls.append((name, data_dir, download))
+        raise data._SourceUnavailable("fake")
+
+    monkeypatch.setattr(data, "_load_tfds", fake_tfds)
+    main = _train_main()
+    argv = ["--dataset", "cifar100", "--data-dir", str(tmp_path), "--no-progress"]
+    for extra in ([], ["--download"]):
+        with pytest.raises(data.DatasetNotFoundError):
+            main([*argv, "--out", str(tmp_path / "out"), *extra])
+    assert calls == [("cifar100", str(tmp_path), False), ("cifar100", str(tmp_path), True)]
+
+
+def test_train_script_cifar_without_data_fails_fast(tmp_path):
+    """The real tfds path, no mocks: no local data and no --download is a quick clear error."""
+    env = {k: v for k, v in os.environ.items() if k != data.ENV_VAR}
+    env["TFDS_DATA_DIR"] = str(tmp_path / "tfds")
+    env["PYTHONPATH"] = str(ROOT)
+    argv = ["--dataset", "cifar100", "--epochs", "1", "--no-progress", "--out", str(tmp_path)]
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "scripts" / "train.py"), *argv],
+        capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    last = proc.stderr.strip().splitlines()
+    assert "DatasetNotFoundError: cannot load 'cifar100' split 'train'" in proc.stderr
+    assert f"not prepared in {tmp_path / 'tfds'}" in proc.stderr
+    assert "--download" in last[-1]
+    assert not (tmp_path / "results.json").exists()
+
+
+# --------------------------------------------------------------------------- tensorflow-datasets
+
+
+@pytest.mark.parametrize("name,split", [("fashion_mnist", "train"), ("cifar100", "test")])
+@pytest.mark.parametrize("where", ["default", "folder"])
+def test_tfds_mock_data(real_tfds, no_debian, tmp_path, name, split, where):
+    """The real tfds code path (builder -> download_and_prepare -> array_record data source),
+    with tfds' own mock generating the examples."""
+    n = 60
+    kwargs = {"data_dir": tmp_path} if where == "folder" else {}
+    with real_tfds.testing.mock_data(num_examples=n):
+        x, y = data.load(name, split, download=True, **kwargs)
+        if name == "cifar100":
+            _, yc = data.load(name, split, label="coarse", download=True, **kwargs)
+    shape, n_classes = ((28, 28, 1), 10) if name == "fashion_mnist" else ((32, 32, 3), 100)
+    assert x.shape == (n, *shape) and x.dtype == np.uint8
+    assert y.shape == (n,) and y.dtype == np.int32
+    assert y.min() >= 0 and y.max() < n_classes and len(np.unique(y)) > n_classes // 10
+    assert x.std() > 10  # random pixels, not a blank array
+    assert not x.flags.writeable and not y.flags.writeable
+    if name == "cifar100":
+        assert yc.shape == (n,) and yc.dtype == np.int32
+        assert yc.min() >= 0 and yc.max() < 20 and len(np.unique(yc)) > 2
+        assert not np.array_equal(yc, y)  # the coarse column, not the fine one
+
+
+@pytest.mark.parametrize(
+    "example,match",
+    [
+        ({"label": 100}, r"label\[1\] = 100 outside 0..99"),
+        ({"coarse_label": -1}, r"coarse_label\[1\] = -1 outside 0..19"),
+        ({"image": np.zeros((28, 28, 3), np.uint8)}, "same shape"),
+        ({"image": np.zeros((32, 32, 1), np.uint8), "all": True}, r"images \(2, 32, 32, 1\)"),
+        ({"image": np.zeros((32, 32, 3), np.float32), "all": True}, "float32"),
+    ],
+)
+def test_tfds_bad_examples_are_a_format_error(real_tfds, example, match):
+    good = {"image": np.zeros((32, 32, 3), np.uint8), "label": 3, "coarse_label": 1}
+
+    bad = {k: v for k, v in example.items() if k != "all"}
+
+    def as_data_source(self, split, **kwargs):  # a prepared dataset with bad examples
+        return [{**good, **bad} if "all" in example else good, {**good, **bad}]
+
+    with real_tfds.testing.mock_data(as_data_source_fn=as_data_source):
+        with pytest.raises(data.DataFormatError, match=match) as info:
+            data.load("cifar100", "test")
+    assert "tfds:cifar100/test" in str(info.value)
+
+
+def test_tfds_not_prepared_without_download(real_tfds, tmp_path):
+    with pytest.raises(data.DatasetNotFoundError) as info:
+        data.load("cifar100", "train", data_dir=tmp_path)
+    msg = str(info.value)
+    assert f"not prepared in {tmp_path / 'cifar100'}" in msg and "download=True" in msg
+    assert "cifar-100-python" in msg
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("tensorflow") is not None, reason="TensorFlow installed"
+)
+def test_tfds_prepare_without_tensorflow_says_so(real_tfds, tmp_path, monkeypatch):
+    """Only the network is faked: tfds gets local IDX files instead of downloading them."""
+    raw = tmp_path / "raw"
+    files = {f"{s}_{k}": write_idx(raw / f"{s}-{k}", np.zeros(3, np.uint8))
+             for s in ("train", "test") for k in ("data", "labels")}  # fmt: skip
+
+    def fake_download_and_extract(self, urls):
+        return {k: str(files[k]) for k in urls}
+
+    dm = real_tfds.download.DownloadManager
+    monkeypatch.setattr(dm, "download_and_extract", fake_download_and_extract)
+    folder = tmp_path / "data"
+    folder.mkdir()
+    with pytest.raises(data.DatasetNotFoundError, match="needs TensorFlow") as info:
+        data.load("fashion_mnist", "train", data_dir=folder, download=True)
+    assert "pip install tensorflow" in str(info.value)
 
 
 # --------------------------------------------------------------------------- CIFAR-100
@@ -216,7 +464,7 @@ def _cifar(folder, n_train=6, n_test=4):
     parts["train"][0][0] = [10, 20, 30]  # distinct R, G, B everywhere in image 0
     fine_names = [f"f{i}" for i in range(100)]
     coarse_names = [f"c{i}" for i in range(20)]
-    data.write_cifar100_python(folder, fine_names=fine_names, coarse_names=coarse_names, **parts)
+    write_cifar100_python(folder, fine_names=fine_names, coarse_names=coarse_names, **parts)
     return parts
 
 
@@ -241,18 +489,103 @@ def test_cifar_round_trip(tmp_path, nested):
 
 
 def test_cifar_file_format_matches_original(tmp_path):
+    """The writer produces what Python 2's cPickle wrote for the originals: protocol 2, bytes
+    keys, Python 2 ``str`` opcodes, and only NumPy 1's array globals."""
     _cifar(tmp_path)
-    raw = (tmp_path / "train").read_bytes()
-    assert raw[:2] == b"\x80\x02"  # pickle protocol 2, like the originals
-    obj = pickle.loads(raw, encoding="bytes")
+    for filename in ("train", "test", "meta"):
+        raw = (tmp_path / filename).read_bytes()
+        assert raw[:2] == b"\x80\x02"  # pickle protocol 2
+        ops = list(pickletools.genops(raw))
+        globals_ = {arg for op, arg, _ in ops if "GLOBAL" in op.name}
+        names = {op.name for op, _, _ in ops}
+        assert names.isdisjoint({"BINUNICODE", "SHORT_BINUNICODE", "BINBYTES", "SHORT_BINBYTES"})
+        if filename == "meta":
+            assert not globals_
+        else:
+            assert globals_ == {
+                "numpy.core.multiarray _reconstruct",
+                "numpy ndarray",
+                "numpy dtype",
+            }
+    obj = pickle.loads((tmp_path / "train").read_bytes(), encoding="bytes")  # a valid pickle
     keys = [b"filenames", b"batch_label", b"fine_labels", b"coarse_labels", b"data"]
     assert list(obj) == keys
+    assert obj[b"batch_label"] == b"training batch 1 of 1" and obj[b"filenames"][0].endswith(
+        b".png"
+    )
+    assert all(type(v) is int for v in obj[b"fine_labels"])
     assert obj[b"data"].shape == (6, 3072) and obj[b"data"].dtype == np.uint8
     # Row-major planes: 1024 red values, then green, then blue.
     assert set(obj[b"data"][0, :1024]) == {10} and set(obj[b"data"][0, 2048:]) == {30}
     meta = pickle.loads((tmp_path / "meta").read_bytes(), encoding="bytes")
     assert len(meta[b"fine_label_names"]) == 100 and len(meta[b"coarse_label_names"]) == 20
+    assert meta[b"fine_label_names"][0] == b"f0"
     assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_py2_pickle_matches_pickle_semantics():
+    obj = {b"k": [0, 255, 256, 65536, -1, 2**31 - 1], b"s": b"x" * 300, b"t": (1, 2, 3, 4)}
+    obj |= {b"e": [], b"n": None, b"b": (True, False), b"a": np.arange(12, dtype=np.uint8)}
+    got = pickle.loads(py2_pickle(obj), encoding="bytes")
+    np.testing.assert_array_equal(got.pop(b"a"), obj.pop(b"a"))
+    assert got == obj
+    with pytest.raises(TypeError):
+        py2_pickle({b"x": 1.5})
+
+
+def test_cifar_python3_protocol2_pickle_loads(tmp_path):
+    """A file re-pickled by Python 3 at protocol 2 (``_codecs.encode`` for bytes, NumPy 2's
+    ``numpy._core``) still loads."""
+    parts = _cifar(tmp_path)
+    path = tmp_path / "train"
+    obj = pickle.loads(path.read_bytes(), encoding="bytes")
+    raw = pickle.dumps(obj, protocol=2)
+    globals_ = {arg for op, arg, _ in pickletools.genops(raw) if op.name == "GLOBAL"}
+    assert {"_codecs encode", "numpy._core.multiarray _reconstruct"} <= globals_
+    path.write_bytes(raw)
+    x, y = data.load("cifar100", "train", data_dir=tmp_path)
+    np.testing.assert_array_equal(x, parts["train"][0])
+    np.testing.assert_array_equal(y, parts["train"][1])
+
+
+class _Payload:
+    """Unpickling this runs a shell command that creates ``marker``."""
+
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch '{self.marker}'",))
+
+
+@pytest.mark.parametrize("filename", ["train", "test", "meta"])
+@pytest.mark.parametrize("protocol", [2, pickle.HIGHEST_PROTOCOL])
+def test_cifar_crafted_pickle_is_refused(tmp_path, filename, protocol):
+    folder = tmp_path / "cifar-100-python"
+    _cifar(folder)
+    marker = tmp_path / "pwned"
+    path = folder / filename
+    payload = pickle.dumps({b"data": _Payload(marker), b"fine_label_names": []}, protocol)
+    path.write_bytes(payload)
+    system = f"{os.system.__module__}.system"
+    with pytest.raises(data.DataFormatError) as info:
+        if filename == "meta":
+            data.class_names("cifar100", data_dir=tmp_path)
+        else:
+            data.load("cifar100", filename, data_dir=tmp_path)
+    assert str(path) in str(info.value) and f"refused global '{system}'" in str(info.value)
+    assert not marker.exists()
+    # The payload is real: a plain pickle.load runs it.
+    pickle.loads(payload, encoding="bytes")
+    assert marker.exists()
+
+
+def test_cifar_refuses_other_globals(tmp_path):
+    _cifar(tmp_path)
+    path = tmp_path / "train"
+    path.write_bytes(pickle.dumps({b"data": {1, 2}}, protocol=2))  # builtins.set: not in CIFAR
+    with pytest.raises(data.DataFormatError, match="refused global '__builtin__.set'"):
+        data.load("cifar100", "train", data_dir=tmp_path)
 
 
 def _rewrite_train(folder, edit):
@@ -266,7 +599,8 @@ def _rewrite_train(folder, edit):
     "edit,match",
     [
         (lambda o: o.pop(b"coarse_labels"), "missing keys"),
-        (lambda o: o.__setitem__(b"data", o[b"data"][:, :3000]), "shape"),
+        (lambda o: o.__setitem__(b"data", o[b"data"][:, :3000]), "uint8 array"),
+        (lambda o: o.__setitem__(b"data", [[0] * 3072]), "b'data' is list"),
         (lambda o: o.__setitem__(b"fine_labels", o[b"fine_labels"][:-1]), "fine_labels"),
         (lambda o: o[b"fine_labels"].__setitem__(2, 100), "fine_labels"),
         (lambda o: o[b"coarse_labels"].__setitem__(0, 20), "coarse_labels"),
@@ -285,6 +619,15 @@ def test_cifar_unreadable_pickle(tmp_path):
     (tmp_path / "test").write_bytes(b"\x80\x02garbage")
     with pytest.raises(data.DataFormatError, match="unpickle"):
         data.load("cifar100", "test", data_dir=tmp_path)
+
+
+def test_cifar_class_names_missing_meta(tmp_path):
+    _cifar(tmp_path)
+    (tmp_path / "meta").unlink()
+    with pytest.raises(data.DatasetNotFoundError, match="meta"):
+        data.class_names("cifar100", data_dir=tmp_path)
+    with pytest.raises(data.DatasetNotFoundError, match="not set"):
+        data.class_names("cifar100")
 
 
 # --------------------------------------------------------------------------- normalize, batches
