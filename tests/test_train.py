@@ -116,7 +116,10 @@ def test_learns_writes_metrics_checkpoint_and_plot(tmp_path):
     assert side["sha256"] == header["sha256"] and side["step"] == 24 and "structure" not in side
     assert ["[0].mlp.layers[0].weight", [32, 64], "float32"] in header["structure"]
     assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".lock", "checkpoint.eqx", "checkpoint.json", "metrics.jsonl"
+        ".lock",
+        "checkpoint.eqx",
+        "checkpoint.json",
+        "metrics.jsonl",
     ]
 
     png = train.accuracy_curve_png(tmp_path / "metrics.jsonl", tmp_path / "plots" / "acc.png")
