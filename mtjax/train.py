@@ -908,12 +908,15 @@ class _Session:
 
     def checkpoint(self) -> None:
         spe = self.steps_per_epoch
+        last_eval = self.last_eval  # the header is strict JSON: drop a non-finite evaluation
+        if last_eval is not None and not all(map(math.isfinite, last_eval[1:])):
+            last_eval = None
         header = {
             "step": self.step, "epoch": self.step // spe, "batch_in_epoch": self.step % spe,
             "steps_per_epoch": spe, "total_steps": self.total_steps,
             "config": self.config.to_json(), "run_info": self.run_info,
             "data_fingerprint": self.fingerprint, "wall_time": self.wall(),
-            "last_eval": self.last_eval, **self.sums,
+            "last_eval": last_eval, **self.sums,
         }  # fmt: skip
         _save_checkpoint(self.ckpt_path, header, (self.model, self.opt_state))
         self.ckpt_step = self.step
