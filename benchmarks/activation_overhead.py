@@ -1,7 +1,8 @@
 """Training-step cost of MTJ activations vs software tanh; JSON to stdout.
 
-One training step = forward + backward + Optax Adam update of a 784-256-10 `mtjax.nn.MLP`
-on a batch of 256 random inputs (softmax cross-entropy), `eqx.filter_jit`-compiled. Every
+One training step = `mtjax.train.train_step`, the compiled step `mtjax.train.train` runs
+(forward + backward + Optax Adam update, non-finite guard, per-example keys) of a 784-256-10
+`mtjax.nn.MLP` on a batch of 256 random inputs (softmax cross-entropy). Every
 variant runs in this process on the same data: software `jnp.tanh`, then `MTJActivation`
 (paper device, shared by all neurons, derivative "mz2") in each mode, plus "table" with
 one device per neuron (Ms with a 5 % rms spread). Compile time is measured apart; the
@@ -22,12 +23,12 @@ import statistics
 import sys
 import time
 
-import equinox as eqx
 import jax
 import jax.numpy as jnp
-import optax
+import numpy as np
 
 from mtjax import DeviceParams
+from mtjax import train as _train
 from mtjax.fileio import atomic_write_bytes
 from mtjax.nn import MLP, MTJActivation, deploy, trainable
 
@@ -49,39 +50,18 @@ def _parse(argv):
     return args
 
 
-def _make_step(model, opt, needs_key):
-    params, static = eqx.partition(model, trainable(model))
-
-    @eqx.filter_jit
-    def step(params, opt_state, x, y, key):
-        def loss(p):
-            m = eqx.combine(p, static)
-            if needs_key:
-                keys = jax.random.split(key, x.shape[0])
-                logits = jax.vmap(lambda xi, k: m(xi, key=k))(x, keys)
-            else:
-                logits = jax.vmap(m)(x)
-            return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-        value, grads = eqx.filter_value_and_grad(loss)(params)
-        updates, opt_state = opt.update(grads, opt_state, params)
-        return eqx.apply_updates(params, updates), opt_state, value
-
-    return params, step
-
-
-def _prepare(model, needs_key, x, y):
-    """Compile one variant; return (compile seconds, a zero-argument timed step)."""
-    opt = optax.adam(1e-3)
-    params, step = _make_step(model, opt, needs_key)
-    state = {"params": params, "opt": opt.init(params), "i": 0, "loss": None}
-    key = jax.random.key(1)
+def _prepare(model, x, y):
+    """Compile one variant; return (compile seconds, a zero-argument timed step, its state)."""
+    optimizer = _train.make_optimizer(_train.TrainConfig(lr=1e-3, schedule="constant"), 1)
+    model, opt_state, mask = _train.init_state(model, optimizer, trainable(model))
+    state = {"model": model, "opt": opt_state, "i": 0, "loss": None}
+    key, ones = jax.random.key(1), jnp.ones(x.shape[0], bool)
 
     def run():
-        k = jax.random.fold_in(key, state["i"])
-        out = step(state["params"], state["opt"], x, y, k)
+        batch = _train.Batch(x, y, ones, np.asarray(state["i"], np.uint32), key)
+        out = _train.train_step(batch, state["model"], state["opt"], optimizer, mask)
         jax.block_until_ready(out)
-        state["params"], state["opt"], state["loss"] = out
+        state["model"], state["opt"], state["loss"] = out.model, out.opt_state, out.loss
         state["i"] += 1
 
     t0 = time.perf_counter()
@@ -111,18 +91,18 @@ def main(argv=None):
     paper = DeviceParams.paper()
     spread = DeviceParams.paper(Ms=1e6 * (1 + 0.05 * jax.random.normal(kp, (SIZES[1],))))
 
-    variants = [("tanh", jnp.tanh, False, args.repeats)]
+    variants = [("tanh", jnp.tanh, args.repeats)]
     for mode in ("ideal", "analytic", "table"):
-        variants.append((mode, MTJActivation(paper, mode=mode), False, args.repeats))
+        variants.append((mode, MTJActivation(paper, mode=mode), args.repeats))
     per_neuron = MTJActivation(spread, mode="table")
-    variants.append(("table_per_neuron", per_neuron, False, args.repeats))
-    variants.append(("ode", MTJActivation(paper, mode="ode"), False, args.slow_repeats))
+    variants.append(("table_per_neuron", per_neuron, args.repeats))
+    variants.append(("ode", MTJActivation(paper, mode="ode"), args.slow_repeats))
     if not args.quick:
-        variants.append(("sde", MTJActivation(paper, mode="sde"), True, args.slow_repeats))
+        variants.append(("sde", MTJActivation(paper, mode="sde"), args.slow_repeats))
 
     prepared = {}
-    for name, act, needs_key, repeats in variants:
-        compile_s, run, state = _prepare(deploy(base, act), needs_key, x, y)
+    for name, act, repeats in variants:
+        compile_s, run, state = _prepare(deploy(base, act), x, y)
         prepared[name] = (run, state, repeats, compile_s, [])
     # round-robin, so that background load affects every variant alike
     for r in range(max(v[2] for v in prepared.values())):
@@ -132,7 +112,7 @@ def main(argv=None):
                 run()
                 times.append(time.perf_counter() - t0)
     results = {}
-    for (name, act, _, _), (_, state, repeats, compile_s, times) in zip(
+    for (name, act, _), (_, state, repeats, compile_s, times) in zip(
         variants, prepared.values(), strict=True
     ):
         results[name] = {
@@ -151,6 +131,7 @@ def main(argv=None):
     report = {
         "benchmark": "activation_overhead",
         "model": "MLP 784-256-10, batch 256, Adam, softmax cross-entropy",
+        "step": "mtjax.train.train_step (the step of mtjax.train.train)",
         "device": "DeviceParams.paper(); table_per_neuron: 256 devices, Ms 5 % rms",
         "results": results,
         "goals": {

@@ -62,6 +62,11 @@ class RunSpec:
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}: must be finite and >= 0, got {value}")
+        self.config()  # epochs, batch_size, lr, seed: ValueError naming the field
+
+    def run_info(self) -> dict[str, Any]:
+        """Everything that defines the run, for `mtjax.train.train(run_info=...)`."""
+        return dataclasses.asdict(self)
 
     def config(self) -> _train.TrainConfig:
         return _train.TrainConfig(
@@ -128,10 +133,14 @@ def run(
     *,
     out_dir: str | os.PathLike | None = None,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
     model: eqx.Module | None = None,
 ) -> tuple[dict[str, Any], _train.TrainResult]:
-    """Train `spec` (or the given initial `model`); return (summary, TrainResult)."""
+    """Train `spec` (or the given initial `model`); return (summary, TrainResult).
+
+    `out_dir`, `resume`, `overwrite`: the run folder, as in `mtjax.train.train`; the whole
+    `spec` is its `run_info`, so resuming with any other setting is refused."""
     n_in = int(np.prod(train_data[0].shape[1:]))
     if spec.sizes[0] != n_in:
         raise ValueError(f"sizes: first size {spec.sizes[0]} != input size {n_in} of the data")
@@ -143,11 +152,13 @@ def run(
         spec.config(),
         out_dir=out_dir,
         resume=resume,
+        overwrite=overwrite,
+        run_info=spec.run_info(),
         progress=progress,
         filter_spec=trainable(model),
     )
     summary = {
-        "spec": dataclasses.asdict(spec),
+        "spec": spec.run_info(),
         "test_accuracy": result.test_accuracy,
         "test_loss": result.test_loss,
         "wall_time_s": result.wall_time,

@@ -6,42 +6,50 @@ thermal or read noise; models may ignore it).
 
 `train` runs ``config.epochs`` epochs of `mtjax.data.batches` (shuffled per ``(seed, epoch)``,
 ``drop_last=False``: the last batch of an epoch is padded and masked, so every example is used
-once per epoch and the step has one static shape). Each step minimizes the masked mean of
-``optax.softmax_cross_entropy_with_integer_labels`` with ``eqx.filter_value_and_grad`` inside
-one ``eqx.filter_jit`` that donates the model and optimizer state. Step ``k`` (0-based count of
-updates done before it) uses the key ``fold_in(key(seed), k)``, so a run depends only on
-``(model, data, config)`` and can be stopped and resumed anywhere.
+once per epoch and the step has one static shape). Each update is one call of `train_step`:
+the masked mean of the per-example loss (default softmax cross-entropy), its gradient by
+``eqx.filter_value_and_grad`` and the Optax update, in one ``eqx.filter_jit`` that donates the
+model and optimizer state. Step ``k`` (0-based count of updates done before it) uses the key
+``fold_in(key(seed), k)``, so a run depends only on ``(model, data, config)`` and can be
+stopped and resumed anywhere.
 
 Optimizer (documented choice): Adam whose learning rate follows a cosine decay from ``lr`` to 0
 over all ``epochs * steps_per_epoch`` steps (``optax.cosine_decay_schedule``); no warm-up.
 ``schedule="constant"`` keeps ``lr``; ``optimizer="sgd"`` uses plain SGD; a callable such as
 ``optax.adamw`` is called with the schedule; a ready ``optax.GradientTransformation`` is used as
-is (``lr`` and ``schedule`` are then ignored).
+is (``lr`` and ``schedule`` are then ignored). `make_schedule` / `make_optimizer` build them.
 
-Files in ``out_dir`` (all optional):
+The run folder ``out_dir`` (optional) is claimed with `run_folder`: an exclusive lock on
+``.lock`` while the run writes there; a folder that already holds files is refused unless
+``resume`` (continue the run) or ``overwrite`` (delete this module's files and start again).
+Files:
 
 - ``metrics.jsonl``: one JSON object a line. ``{"event": "step", ...}`` every ``log_every``
-  steps (mean train loss since the previous one, learning rate); ``{"event": "epoch", ...}`` at
-  each epoch end (epoch-mean train loss, ``test_loss``, ``test_accuracy``); ``"step"`` counts
-  updates done, ``"epoch"`` is 1-based for epoch records and 0-based for step records, and
-  ``"wall_time"`` is seconds of training summed over resumed sessions.
-- ``checkpoint.eqx``: one file, written atomically (temporary file in ``out_dir`` then
-  `os.replace`): a one-line JSON header (step, epoch, config, data fingerprint, running loss
-  sums, SHA-256 of the payload), a newline, then ``eqx.tree_serialise_leaves`` of
-  ``(model, opt_state)``. The header is authoritative; ``checkpoint.json`` is a readable copy of
-  it, written after the checkpoint, with the payload hash to check the pair.
+  steps (mean train loss since the previous one, learning rate from the schedule);
+  ``{"event": "epoch", ...}`` at each epoch end (epoch-mean train loss, ``test_loss``,
+  ``test_accuracy``); ``"step"`` counts updates done, ``"epoch"`` is 1-based for epoch records
+  and 0-based for step records, and ``"wall_time"`` is seconds of training summed over resumed
+  sessions. A torn last line (a kill mid-write) is ignored when read.
+- ``checkpoint.eqx``: one file, written atomically: a one-line JSON header (step, config,
+  ``run_info``, data fingerprint, running loss sums, the path/shape/dtype of every array leaf,
+  and a SHA-256 over the header and the payload), a newline, then
+  ``eqx.tree_serialise_leaves`` of ``(model, opt_state)``. ``checkpoint.json`` is a readable
+  copy of the header (without the leaf list), written after it.
 
-``resume=True`` continues from ``checkpoint.eqx`` (the model passed in is the template for
-``tree_deserialise_leaves``): it skips the batches already done in the interrupted epoch and
-gives bit-identical weights and metrics (other than wall time) to an uninterrupted run. The
-trajectory-defining config fields and the data must match the checkpoint. A non-finite loss
-(or an update that would make a parameter non-finite) is not applied; `NonFiniteLossError`
-names the step, and the checkpoint on disk stays the last finite one. Epoch-end evaluation
-uses one fixed key per run, ``fold_in(key(seed), 2**31 - 1)`` (deterministic models ignore it).
+``resume=True`` continues from ``checkpoint.eqx`` (the model passed in is the template): it
+skips the batches already done in the interrupted epoch and gives bit-identical weights and
+metrics (other than wall time) to an uninterrupted run. Everything that defines the run must
+match the checkpoint (`CheckpointError` names what differs): the config (all fields but
+``checkpoint_every``), ``run_info`` (a JSON-able description of the run, compared key by key),
+the data, and the model/optimizer-state structure. A non-finite loss (or an update that would
+make a parameter non-finite) is not applied; `NonFiniteLossError` names the step, and the
+checkpoint on disk stays the last finite one. Epoch-end evaluation uses one fixed key per run,
+``fold_in(key(seed), 2**31 - 1)`` (deterministic models ignore it).
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import hashlib
@@ -50,35 +58,53 @@ import itertools
 import json
 import math
 import os
+import re
 import time
-from collections.abc import Callable, Sequence
+import warnings
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
 from mtjax import data as _data
 from mtjax.fileio import atomic_write_bytes, new_figure, save_figure
 
+try:
+    import fcntl
+except ImportError:  # not POSIX: run folders are not locked
+    fcntl = None
+
 __all__ = [
     "CHECKPOINT_NAME",
+    "LOCK_NAME",
     "METRICS_NAME",
     "SIDECAR_NAME",
+    "Batch",
+    "CheckpointError",
     "NonFiniteLossError",
+    "RunFolderError",
+    "StepResult",
     "TrainConfig",
     "TrainResult",
     "accuracy_curve_png",
+    "cross_entropy",
     "evaluate",
+    "init_state",
     "load_checkpoint",
     "make_optimizer",
+    "make_schedule",
     "plot_history",
     "read_metrics",
+    "run_folder",
     "train",
+    "train_step",
 ]
 
 StrPath = str | os.PathLike[str]
@@ -86,11 +112,15 @@ StrPath = str | os.PathLike[str]
 CHECKPOINT_NAME = "checkpoint.eqx"
 SIDECAR_NAME = "checkpoint.json"
 METRICS_NAME = "metrics.jsonl"
-_FORMAT = "mtjax.train.checkpoint/1"
+LOCK_NAME = ".lock"
+_RUN_FILES = (CHECKPOINT_NAME, SIDECAR_NAME, METRICS_NAME)
+_FORMAT = "mtjax.train.checkpoint/2"
 _OPTIMIZERS = ("adam", "sgd")
 _SCHEDULES = ("cosine", "constant")
-# Config fields that change the trajectory; they must match the checkpoint on resume.
-_TRAJECTORY_FIELDS = ("epochs", "batch_size", "lr", "seed", "optimizer", "schedule")
+# Config fields that may change on resume (they do not change the trajectory or the metrics).
+_RESUME_FREE = ("checkpoint_every",)
+# Temporary files of `mtjax.fileio.atomic_write_bytes` (tempfile.mkstemp): ".NAME.XXXXXXXX.tmp".
+_TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
 
 class NonFiniteLossError(FloatingPointError):
@@ -116,6 +146,16 @@ class NonFiniteLossError(FloatingPointError):
         self.loss = loss
         self.checkpoint_step = checkpoint_step
         self.checkpoint_path = checkpoint_path
+
+
+class RunFolderError(RuntimeError):
+    """A run folder cannot be used: not a folder, not writable, in use by another run, or it
+    holds files and neither ``resume`` nor ``overwrite`` was given. The message names it."""
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is unreadable, corrupt or edited, or does not match the run resuming it.
+    The message names the file (and the differing setting)."""
 
 
 # --------------------------------------------------------------------------- config
@@ -144,6 +184,8 @@ class TrainConfig:
       ``functools.partial(optax.sgd, momentum=0.9)``); or a ready GradientTransformation.
     - ``schedule``: ``"cosine"`` (default: decay from ``lr`` to 0 over all steps) or
       ``"constant"``.
+    - ``seed``: ``0 <= seed < 2**32`` (larger seeds would alias smaller ones in
+      ``jax.random.key``).
     - ``checkpoint_every``: steps between checkpoints; ``None`` checkpoints at each epoch end.
       The last step (and a ``stop_after_steps`` stop) is always checkpointed.
     - ``log_every``: steps between ``"step"`` records in the metrics.
@@ -166,8 +208,10 @@ class TrainConfig:
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {v!r}")
-        if not _is_int(self.seed) or self.seed < 0:
-            raise ValueError(f"TrainConfig.seed must be an integer >= 0, got {self.seed!r}")
+        if not _is_int(self.seed) or not 0 <= self.seed < 2**32:
+            raise ValueError(
+                f"TrainConfig.seed must be an integer in [0, 2**32), got {self.seed!r}"
+            )
         ce = self.checkpoint_every
         if ce is not None and (not _is_int(ce) or ce < 1):
             raise ValueError(f"TrainConfig.checkpoint_every must be None or >= 1, got {ce!r}")
@@ -208,39 +252,40 @@ class TrainConfig:
         return d
 
 
+# Both caches keep the same objects for the same settings, so jit caches are reused.
 @functools.lru_cache(maxsize=32)
-def _cached_optimizer(opt, schedule: str, lr: float, total_steps: int):
+def _cached_schedule(schedule: str, lr: float, total_steps: int) -> optax.Schedule:
+    if schedule == "cosine":
+        return optax.cosine_decay_schedule(lr, decay_steps=max(total_steps, 1), alpha=0.0)
+    return optax.constant_schedule(lr)
+
+
+@functools.lru_cache(maxsize=32)
+def _cached_optimizer(opt, schedule) -> optax.GradientTransformation:
     if isinstance(opt, optax.GradientTransformation):
         return opt
-    if schedule == "cosine":
-        sched = optax.cosine_decay_schedule(lr, decay_steps=max(total_steps, 1), alpha=0.0)
-    else:
-        sched = optax.constant_schedule(lr)
     if opt == "adam":
-        return optax.adam(sched)
+        return optax.adam(schedule)
     if opt == "sgd":
-        return optax.sgd(sched)
-    return opt(sched)
+        return optax.sgd(schedule)
+    return opt(schedule)
+
+
+def make_schedule(config: TrainConfig, total_steps: int) -> optax.Schedule | None:
+    """The learning-rate schedule `make_optimizer` uses (``None`` for a ready
+    ``optax.GradientTransformation``, which has its own)."""
+    if isinstance(config.optimizer, optax.GradientTransformation):
+        return None
+    return _cached_schedule(config.schedule, float(config.lr), int(total_steps))
 
 
 def make_optimizer(config: TrainConfig, total_steps: int) -> optax.GradientTransformation:
-    """The optimizer `train` uses for ``total_steps`` steps (cached, so jit caches are reused)."""
+    """The optimizer `train` uses for ``total_steps`` steps, driven by `make_schedule`."""
+    schedule = make_schedule(config, total_steps)
     try:
-        return _cached_optimizer(config.optimizer, config.schedule, float(config.lr), total_steps)
+        return _cached_optimizer(config.optimizer, schedule)
     except TypeError:  # unhashable callable
-        return _cached_optimizer.__wrapped__(
-            config.optimizer, config.schedule, float(config.lr), total_steps
-        )
-
-
-def _learning_rate(config: TrainConfig, step: int, total_steps: int) -> float | None:
-    """The scheduled learning rate at ``step`` for the built-in schedules (for the metrics)."""
-    if isinstance(config.optimizer, optax.GradientTransformation):
-        return None
-    if config.schedule == "constant":
-        return float(config.lr)
-    frac = min(step, total_steps) / max(total_steps, 1)
-    return float(config.lr) * 0.5 * (1.0 + math.cos(math.pi * frac))
+        return _cached_optimizer.__wrapped__(config.optimizer, schedule)
 
 
 # --------------------------------------------------------------------------- results
@@ -294,7 +339,55 @@ def _fingerprint(*arrays: np.ndarray) -> str:
     return h.hexdigest()
 
 
-# --------------------------------------------------------------------------- jitted pieces
+def _normal_run_info(run_info: object) -> dict[str, Any] | None:
+    """``run_info`` as it reads back from JSON (tuples become lists), or ValueError."""
+    if run_info is None:
+        return None
+    if not isinstance(run_info, dict):
+        raise ValueError(f"run_info must be a dict or None, got {type(run_info).__name__}")
+    try:
+        return json.loads(json.dumps(run_info, sort_keys=True, allow_nan=False))
+    except (TypeError, ValueError) as err:
+        raise ValueError(f"run_info must be JSON-able (finite numbers): {err}") from None
+
+
+# --------------------------------------------------------------------------- the step
+
+
+def cross_entropy(
+    logits: Float[Array, "batch classes"], x: ArrayLike, y: Int[Array, " batch"]
+) -> Float[Array, " batch"]:
+    """Default per-example training loss: softmax cross-entropy with integer labels."""
+    del x
+    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+
+
+class Batch(NamedTuple):
+    """The inputs of one `train_step` that are not donated.
+
+    ``mask`` is False for padding examples; ``step`` is the number of updates done before
+    this one; the step's key is ``fold_in(key, step)``, split over the examples. ``loss_fn``
+    ``(logits, x, y) -> per-example loss`` may be an Equinox module holding arrays (never
+    trained).
+    """
+
+    x: Float[ArrayLike, "batch ..."]
+    y: Int[ArrayLike, " batch"]
+    mask: Bool[ArrayLike, " batch"]
+    step: Int[ArrayLike, ""]
+    key: PRNGKeyArray
+    loss_fn: Callable[..., Any] = cross_entropy
+
+
+class StepResult(NamedTuple):
+    """What `train_step` returns; ``applied`` is False when the update was skipped (loss or
+    updated parameters not finite): ``model``/``opt_state`` are then the inputs' values."""
+
+    model: PyTree
+    opt_state: PyTree
+    loss: Float[Array, ""]
+    loss_finite: Bool[Array, ""]
+    applied: Bool[Array, ""]
 
 
 def _own(tree):
@@ -310,14 +403,23 @@ def _own(tree):
     return jax.tree.map(copy, tree)
 
 
-def _trainable_spec(model, filter_spec):
-    """A bool per leaf of ``model``: selected by ``filter_spec`` and an inexact array."""
+def init_state(
+    model: PyTree, optimizer: optax.GradientTransformation, filter_spec: Any = None
+) -> tuple[PyTree, PyTree, PyTree]:
+    """``(model, opt_state, trainable)`` to start `train_step` from.
+
+    ``trainable`` is a bool per leaf of ``model``: selected by the Equinox ``filter_spec``
+    (default: every array) and an inexact array. ``model`` is a copy of the given one (the
+    step donates its arrays); ``opt_state = optimizer.init`` of its trainable part.
+    """
     selected = eqx.filter(model, eqx.is_array if filter_spec is None else filter_spec)
-    return jax.tree.map(
+    trainable = jax.tree.map(
         lambda v: v is not None and eqx.is_inexact_array(v),
         selected,
         is_leaf=lambda v: v is None,
     )
+    model = _own(model)
+    return model, _own(optimizer.init(eqx.filter(model, trainable))), trainable
 
 
 def _logits(model, x, key):
@@ -325,18 +427,6 @@ def _logits(model, x, key):
         return jax.vmap(lambda xi: model(xi, key=None))(x)
     keys = jax.random.split(key, x.shape[0])
     return jax.vmap(lambda xi, ki: model(xi, key=ki))(x, keys)
-
-
-def _masked_ce(logits, y, mask):
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
-    w = mask.astype(jnp.float32)
-    return jnp.sum(jnp.where(mask, ce, 0.0)), w
-
-
-def cross_entropy(logits, x, y):
-    """Default per-example training loss: softmax cross-entropy with integer labels."""
-    del x
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
 
 
 def _loss(params, static, x, y, mask, key, loss_fn):
@@ -355,9 +445,11 @@ def _strong(v):
 
 
 @eqx.filter_jit(donate="all-except-first")
-def _train_step(batch, model, opt_state, optimizer, spec):
-    x, y, mask, step, base_key, loss_fn = batch  # batch is never donated (loss_fn may hold arrays)
-    params, static = eqx.partition(model, spec)
+def _step_jit(fixed, model, opt_state) -> StepResult:
+    # `fixed` (batch, optimizer, trainable) is never donated: loss_fn or optimizer may hold
+    # arrays the caller keeps.
+    (x, y, mask, step, base_key, loss_fn), optimizer, trainable = fixed
+    params, static = eqx.partition(model, trainable)
     key = jax.random.fold_in(base_key, step)
     loss, grads = eqx.filter_value_and_grad(_loss)(params, static, x, y, mask, key, loss_fn)
     updates, new_opt_state = optimizer.update(grads, opt_state, params)
@@ -370,7 +462,32 @@ def _train_step(batch, model, opt_state, optimizer, spec):
 
     new_params = jax.tree.map(_strong, jax.tree.map(keep_good, new_params, params))
     new_opt_state = jax.tree.map(_strong, jax.tree.map(keep_good, new_opt_state, opt_state))
-    return eqx.combine(new_params, static), new_opt_state, loss, loss_ok, ok
+    return StepResult(eqx.combine(new_params, static), new_opt_state, loss, loss_ok, ok)
+
+
+def train_step(
+    batch: Batch,
+    model: PyTree,
+    opt_state: PyTree,
+    optimizer: optax.GradientTransformation,
+    trainable: PyTree,
+) -> StepResult:
+    """One training update, the compiled step `train` runs (``eqx.filter_jit``).
+
+    Minimizes the masked mean of ``batch.loss_fn`` over the batch; updates only the leaves
+    marked in ``trainable``. ``model`` and ``opt_state`` are DONATED (their arrays are invalid
+    afterwards): start from `init_state` and feed the returned ones back. An update whose loss
+    or new parameters are not finite is not applied (``StepResult.applied`` is False).
+    """
+    return _step_jit((batch, optimizer, trainable), model, opt_state)
+
+
+# --------------------------------------------------------------------------- evaluation
+
+
+def _masked_ce(logits, y, mask):
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+    return jnp.sum(jnp.where(mask, ce, 0.0))
 
 
 @eqx.filter_jit
@@ -378,7 +495,7 @@ def _eval_batch(model, x, y, mask, key, index):
     if key is not None:
         key = jax.random.fold_in(key, index)
     logits = _logits(model, x, key)
-    total, w = _masked_ce(logits, y, mask)
+    total = _masked_ce(logits, y, mask)
     correct = jnp.sum(jnp.where(mask, jnp.argmax(logits, axis=-1) == y, False))
     return jnp.stack([total, correct.astype(jnp.float32)])
 
@@ -404,7 +521,95 @@ def evaluate(model, x, y, batch_size: int, *, key: jax.Array | None = None) -> t
     return float(total[0] / n), float(total[1] / n)
 
 
-# --------------------------------------------------------------------------- files
+# --------------------------------------------------------------------------- run folder
+
+
+def _lock(fd: int, folder: Path) -> None:
+    if fcntl is None:
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip()
+        who = f" (pid {holder})" if holder.isdigit() else ""
+        raise RunFolderError(
+            f"run folder {folder} is in use by another run{who}: {folder / LOCK_NAME} is locked"
+        ) from None
+    except OSError as err:
+        raise RunFolderError(f"cannot lock run folder {folder}: {err.strerror}") from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+
+
+@contextlib.contextmanager
+def run_folder(path: StrPath, *, resume: bool = False, overwrite: bool = False) -> Iterator[Path]:
+    """Claim the folder of one run for the ``with`` block; yields it as a ``Path``.
+
+    Creates it; holds an exclusive, non-blocking ``fcntl.flock`` on ``path/.lock`` (a second
+    claim, from this or another process, raises `RunFolderError` naming the folder); refuses a
+    folder holding anything besides the lock unless ``resume`` or ``overwrite`` (which only
+    allow it; deleting is the caller's business); removes orphan temporary files of
+    `mtjax.fileio.atomic_write_bytes` (``.NAME.XXXXXXXX.tmp``) left by a killed run.
+    """
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
+    folder = Path(path)
+    if folder.exists() and not folder.is_dir():
+        raise RunFolderError(f"run folder {folder} exists and is not a folder")
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise RunFolderError(f"cannot write to run folder {folder}: {err.strerror}") from None
+    try:
+        _lock(fd, folder)
+        entries = [p for p in folder.iterdir() if p.name != LOCK_NAME]
+        temps = [p for p in entries if _TEMP_FILE.match(p.name) and p.is_file()]
+        others = sorted(p.name for p in entries if p not in temps)
+        if others and not (resume or overwrite):
+            raise RunFolderError(
+                f"run folder {folder} is not empty (it holds {', '.join(others[:3])}"
+                f"{', ...' if len(others) > 3 else ''}): resume the run or overwrite it"
+            )
+        for p in temps:
+            p.unlink(missing_ok=True)
+        yield folder
+    finally:
+        os.close(fd)  # releases the lock
+
+
+# --------------------------------------------------------------------------- checkpoints
+
+
+def _tree_structure(tree) -> list[list[Any]]:
+    """``[path, shape, dtype]`` of every array leaf, in serialisation order."""
+    leaves, _ = jax.tree_util.tree_flatten_with_path(eqx.filter(tree, eqx.is_array))
+    return [[jax.tree_util.keystr(p), list(v.shape), str(v.dtype)] for p, v in leaves]
+
+
+def _structure_diff(saved: list | None, now: list) -> str | None:
+    """The first difference between two `_tree_structure` lists, in words (None if equal)."""
+    if not isinstance(saved, list):
+        return "the checkpoint has no leaf list"
+    old = {p: f"{d}{s}" for p, s, d in saved}
+    new = {p: f"{d}{s}" for p, s, d in now}
+    for p, desc in new.items():
+        if p not in old:
+            return f"leaf {p} ({desc}) is not in the checkpoint"
+        if old[p] != desc:
+            return f"leaf {p}: checkpoint {old[p]}, now {desc}"
+    for p, desc in old.items():
+        if p not in new:
+            return f"checkpoint leaf {p} ({desc}) is not in the model/optimizer state"
+    if [p for p, _, _ in saved] != [p for p, _, _ in now]:
+        return "the leaves are in a different order"
+    return None
+
+
+def _digest(header: dict[str, Any], payload: bytes) -> str:
+    """SHA-256 over the canonical JSON of ``header`` (without "sha256") and the payload."""
+    canonical = json.dumps(header, sort_keys=True, allow_nan=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode() + b"\n" + payload).hexdigest()
 
 
 def _save_checkpoint(path: Path, header: dict[str, Any], tree) -> None:
@@ -415,38 +620,110 @@ def _save_checkpoint(path: Path, header: dict[str, Any], tree) -> None:
         **header,
         "format": _FORMAT,
         "payload_bytes": len(payload),
-        "payload_sha256": hashlib.sha256(payload).hexdigest(),
+        "structure": _tree_structure(tree),
     }
+    header["sha256"] = _digest(header, payload)
     line = json.dumps(header, sort_keys=True, allow_nan=False).encode()
     atomic_write_bytes(path, line + b"\n" + payload)
-    sidecar = json.dumps({**header, "checkpoint": path.name}, sort_keys=True, indent=2)
+    readable = {k: v for k, v in header.items() if k != "structure"}
+    sidecar = json.dumps({**readable, "checkpoint": path.name}, sort_keys=True, indent=2)
     atomic_write_bytes(path.with_name(SIDECAR_NAME), sidecar.encode() + b"\n")
+
+
+def _read_checkpoint(path: Path) -> tuple[dict[str, Any], bytes]:
+    """``(header, payload)`` of a checkpoint whose hash checks out, else `CheckpointError`."""
+    try:
+        blob = path.read_bytes()
+    except OSError as err:
+        raise CheckpointError(f"{path}: cannot read the checkpoint ({err.strerror})") from None
+    head, sep, payload = blob.partition(b"\n")
+    try:
+        header = json.loads(head)
+        ok = bool(sep) and isinstance(header, dict) and header.get("format") == _FORMAT
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        ok = False
+    if not ok:
+        raise CheckpointError(f"{path}: not a {_FORMAT} checkpoint")
+    if len(payload) != header.get("payload_bytes"):
+        raise CheckpointError(
+            f"{path}: truncated or corrupt ({len(payload)} payload bytes, header says "
+            f"{header.get('payload_bytes')})"
+        )
+    digest = header.pop("sha256", None)
+    if digest != _digest(header, payload):
+        raise CheckpointError(f"{path}: corrupt or edited (SHA-256 of header and payload differs)")
+    return {**header, "sha256": digest}, payload
+
+
+def _restore(path: Path, header: dict[str, Any], payload: bytes, like):
+    diff = _structure_diff(header.get("structure"), _tree_structure(like))
+    if diff is not None:
+        raise CheckpointError(f"{path}: the model/optimizer structure differs: {diff}")
+    try:
+        return eqx.tree_deserialise_leaves(io.BytesIO(payload), like)
+    except Exception as err:  # noqa: BLE001 - any failure here means an unusable file
+        raise CheckpointError(f"{path}: cannot restore ({type(err).__name__}: {err})") from err
 
 
 def load_checkpoint(path: StrPath, like) -> tuple[dict[str, Any], Any]:
     """Read ``(header, tree)`` from a `train` checkpoint; ``like`` is the template tree
-    (``(model, opt_state)`` for `train`'s). Raises ``ValueError`` if the file is malformed."""
+    (``(model, opt_state)`` for `train`'s). Raises `CheckpointError` naming the file if it is
+    malformed, corrupt, edited, or its leaves do not match ``like``."""
     path = Path(path)
-    blob = path.read_bytes()
-    head, sep, payload = blob.partition(b"\n")
-    try:
-        header = json.loads(head)
-        ok = sep and isinstance(header, dict) and header.get("format") == _FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        ok = False
-    if not ok:
-        raise ValueError(f"{path}: not a {_FORMAT} checkpoint")
-    if len(payload) != header.get("payload_bytes") or (
-        hashlib.sha256(payload).hexdigest() != header.get("payload_sha256")
-    ):
-        raise ValueError(f"{path}: payload does not match its header (truncated or corrupt)")
-    return header, eqx.tree_deserialise_leaves(io.BytesIO(payload), like)
+    header, payload = _read_checkpoint(path)
+    return header, _restore(path, header, payload, like)
+
+
+def _check_resumable(
+    path: Path,
+    header: dict[str, Any],
+    config: TrainConfig,
+    run_info: dict[str, Any] | None,
+    fingerprint: str,
+) -> None:
+    saved, now = header.get("config", {}), config.to_json()
+    diff = [
+        f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}"
+        for k in now
+        if k not in _RESUME_FREE and saved.get(k) != now[k]
+    ]
+    saved_info, now_info = header.get("run_info") or {}, run_info or {}
+    missing = "<not set>"
+    diff += [
+        f"{k}: checkpoint {saved_info.get(k, missing)!r}, now {now_info.get(k, missing)!r}"
+        for k in sorted(saved_info.keys() | now_info.keys())
+        if saved_info.get(k, missing) != now_info.get(k, missing)
+    ]
+    if diff:
+        raise CheckpointError(f"cannot resume from {path}: settings differ ({'; '.join(diff)})")
+    if header.get("data_fingerprint") != fingerprint:
+        raise CheckpointError(f"cannot resume from {path}: the training or test data differ")
+
+
+# --------------------------------------------------------------------------- metrics
 
 
 def read_metrics(path: StrPath) -> list[dict[str, Any]]:
-    """The records of a ``metrics.jsonl`` file (blank lines skipped)."""
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """The records of a ``metrics.jsonl`` file (blank lines skipped).
+
+    A last line that is not a JSON record (torn by a kill mid-write) is ignored with a
+    warning; a bad line elsewhere raises ``ValueError`` naming the file and line.
+    """
+    with open(path, encoding="utf-8", errors="replace") as f:
+        lines = [(n, line) for n, line in enumerate(f, 1) if line.strip()]
+    records = []
+    for i, (n, line) in enumerate(lines):
+        try:
+            record = json.loads(line)
+            if not isinstance(record, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as err:
+            if i == len(lines) - 1:
+                warnings.warn(f"{path}: ignoring torn last line {n}", stacklevel=2)
+                break
+            raise ValueError(f"{path}, line {n}: not a JSON record ({err})") from None
+        records.append(record)
+    return records
 
 
 def _write_metrics(path: Path, records: Sequence[dict[str, Any]]) -> None:
@@ -454,22 +731,213 @@ def _write_metrics(path: Path, records: Sequence[dict[str, Any]]) -> None:
     atomic_write_bytes(path, text.encode())
 
 
-def _check_resumable(header: dict[str, Any], config: TrainConfig, fingerprint: str, path) -> None:
-    saved = header.get("config", {})
-    now = config.to_json()
-    diff = []
-    for k in _TRAJECTORY_FIELDS:
-        if k == "optimizer" and not isinstance(config.optimizer, str):
-            continue  # a custom optimizer cannot be compared; the caller vouches for it
-        if saved.get(k) != now[k]:
-            diff.append(f"{k}: checkpoint {saved.get(k)!r}, now {now[k]!r}")
-    if diff:
-        raise ValueError(f"cannot resume from {path}: config differs ({'; '.join(diff)})")
-    if header.get("data_fingerprint") != fingerprint:
-        raise ValueError(f"cannot resume from {path}: the training or test data differ")
-
-
 # --------------------------------------------------------------------------- train
+
+
+def _zero_sums() -> dict[str, Any]:
+    return {"epoch_loss_sum": 0.0, "epoch_loss_count": 0, "log_loss_sum": 0.0, "log_loss_count": 0}
+
+
+class _Session:
+    """One call of `train`: the fixed setup and the state that the phases advance."""
+
+    def __init__(
+        self, model, data, config, *, out, run_info, filter_spec, loss_fn, progress,
+        stop_after_steps,
+    ):  # fmt: skip
+        (self.x, self.y), (self.xt, self.yt) = data
+        self.config, self.run_info, self.loss_fn = config, run_info, loss_fn
+        self.progress = progress
+        self.steps_per_epoch = _data.num_batches(len(self.x), config.batch_size, drop_last=False)
+        self.total_steps = config.epochs * self.steps_per_epoch
+        self.stop_at = self.total_steps
+        if stop_after_steps is not None:
+            self.stop_at = min(self.total_steps, int(stop_after_steps))
+        self.schedule = make_schedule(config, self.total_steps)
+        self.optimizer = make_optimizer(config, self.total_steps)
+        self.model, self.opt_state, self.trainable = init_state(model, self.optimizer, filter_spec)
+        self.fingerprint = _fingerprint(self.x, self.y, self.xt, self.yt)
+        self.base_key = jax.random.key(config.seed)
+        # stochastic models (thermal/read noise) are evaluated with a fixed key per run
+        self.eval_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
+        self.ckpt_path = None if out is None else out / CHECKPOINT_NAME
+        self.metrics_path = None if out is None else out / METRICS_NAME
+        # state
+        self.step = 0
+        self.ckpt_step: int | None = None
+        self.sums = _zero_sums()
+        self.history: list[dict[str, Any]] = []
+        self.last_eval: tuple[int, float, float] | None = None
+        self.wall_before = 0.0
+        self.t0 = time.perf_counter()
+
+    def wall(self) -> float:
+        return self.wall_before + (time.perf_counter() - self.t0)
+
+    # ---- setup / resume
+
+    def resume(self) -> None:
+        """Continue from the checkpoint, if there is one (after checking it defines this run)."""
+        path = self.ckpt_path
+        if not path.exists():
+            return
+        header, payload = _read_checkpoint(path)
+        _check_resumable(path, header, self.config, self.run_info, self.fingerprint)
+        model, opt_state = _restore(path, header, payload, (self.model, self.opt_state))
+        self.model, self.opt_state = _own(model), _own(opt_state)
+        self.step = self.ckpt_step = int(header["step"])
+        self.wall_before = float(header["wall_time"])
+        self.sums = {k: header[k] for k in _zero_sums()}
+        if header.get("last_eval") is not None:
+            self.last_eval = tuple(header["last_eval"])
+        if self.metrics_path.exists():
+            records = read_metrics(self.metrics_path)
+            self.history = [r for r in records if r.get("step", 0) <= self.step]
+
+    def start_metrics(self) -> None:
+        """Rewrite the metrics file with the records up to the checkpoint."""
+        _write_metrics(self.metrics_path, self.history)
+
+    def emit(self, record: dict[str, Any]) -> None:
+        self.history.append(record)
+        if self.metrics_path is not None:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+    # ---- epoch loop
+
+    def run(self) -> None:
+        cfg, spe = self.config, self.steps_per_epoch
+        start_epoch, start_batch = divmod(self.step, spe)
+        bars = dict(disable=not self.progress)
+        with tqdm(total=cfg.epochs, initial=min(start_epoch, cfg.epochs), desc="epochs",
+                  unit="epoch", position=0, **bars) as epoch_bar:  # fmt: skip
+            for epoch in range(start_epoch, cfg.epochs):
+                if self.step >= self.stop_at:
+                    break
+                first = start_batch if epoch == start_epoch else 0
+                batches = _data.batches(
+                    self.x, self.y, cfg.batch_size, seed=cfg.seed, epoch=epoch, drop_last=False
+                )
+                with tqdm(total=spe, initial=first, desc=f"epoch {epoch + 1}", unit="step",
+                          leave=False, position=1, **bars) as bar:  # fmt: skip
+                    for xb, yb, mb in itertools.islice(batches, first, None):
+                        loss = self.train_one(epoch, xb, yb, mb)
+                        bar.update(1)
+                        bar.set_postfix(loss=f"{loss:.4f}", refresh=False)
+                        if self.step % spe == 0:
+                            acc = self.end_epoch(epoch)
+                            epoch_bar.update(1)
+                            epoch_bar.set_postfix(test_acc=f"{acc:.4f}", refresh=False)
+                        if self.checkpoint_due():
+                            self.checkpoint()
+                        if self.step >= self.stop_at:
+                            break
+
+    # ---- one step
+
+    def train_one(self, epoch: int, xb, yb, mb) -> float:
+        """One update; its loss. Raises `NonFiniteLossError` (update not applied) if needed."""
+        batch = Batch(xb, yb, mb, np.asarray(self.step, np.uint32), self.base_key, self.loss_fn)
+        out = train_step(batch, self.model, self.opt_state, self.optimizer, self.trainable)
+        self.model, self.opt_state = out.model, out.opt_state
+        loss, loss_ok, applied = (
+            v.item() for v in jax.device_get((out.loss, out.loss_finite, out.applied))
+        )
+        if not applied:
+            self.stop_nonfinite(epoch, loss, loss_ok)
+        self.step += 1
+        for k in ("epoch_loss", "log_loss"):
+            self.sums[f"{k}_sum"] += loss
+            self.sums[f"{k}_count"] += 1
+        if self.step % self.config.log_every == 0:
+            lr = None if self.schedule is None else float(np.asarray(self.schedule(self.step - 1)))
+            self.emit({
+                "event": "step", "step": self.step, "epoch": epoch,
+                "train_loss": self.sums["log_loss_sum"] / self.sums["log_loss_count"],
+                "lr": lr, "wall_time": self.wall(),
+            })  # fmt: skip
+            self.sums["log_loss_sum"], self.sums["log_loss_count"] = 0.0, 0
+        return loss
+
+    def stop_nonfinite(self, epoch: int, loss: float, loss_ok: bool) -> None:
+        step, spe = self.step + 1, self.steps_per_epoch
+        what = "loss" if not loss_ok else "updated parameters"
+        last = (
+            f"last checkpoint: step {self.ckpt_step} in {self.ckpt_path}"
+            if self.ckpt_step is not None
+            else "no checkpoint written"
+        )
+        self.emit({
+            "event": "nonfinite", "step": step, "epoch": epoch,
+            "train_loss": loss if math.isfinite(loss) else None, "wall_time": self.wall(),
+        })  # fmt: skip
+        raise NonFiniteLossError(
+            f"non-finite {what} at step {step} (epoch {epoch + 1}, batch "
+            f"{self.step % spe + 1}/{spe}; loss {loss}); the update was not applied; {last}",
+            step=step, epoch=epoch, loss=loss, checkpoint_step=self.ckpt_step,
+            checkpoint_path=self.ckpt_path,
+        )  # fmt: skip
+
+    # ---- evaluation
+
+    def evaluate(self) -> tuple[float, float]:
+        return evaluate(self.model, self.xt, self.yt, self.config.eval_batch_size,
+                        key=self.eval_key)  # fmt: skip
+
+    def end_epoch(self, epoch: int) -> float:
+        """Evaluate on the test data and write the epoch record; the test accuracy."""
+        test_loss, test_acc = self.evaluate()
+        self.last_eval = (self.step, test_loss, test_acc)
+        self.emit({
+            "event": "epoch", "step": self.step, "epoch": epoch + 1,
+            "train_loss": self.sums["epoch_loss_sum"] / self.sums["epoch_loss_count"],
+            "test_loss": test_loss, "test_accuracy": test_acc, "wall_time": self.wall(),
+        })  # fmt: skip
+        self.sums["epoch_loss_sum"], self.sums["epoch_loss_count"] = 0.0, 0
+        return test_acc
+
+    # ---- checkpoint
+
+    def checkpoint_due(self) -> bool:
+        if self.ckpt_path is None:
+            return False
+        every = self.config.checkpoint_every
+        epoch_end = self.step % self.steps_per_epoch == 0
+        return (epoch_end if every is None else self.step % every == 0) or self.step == self.stop_at
+
+    def checkpoint(self) -> None:
+        spe = self.steps_per_epoch
+        last_eval = self.last_eval  # the header is strict JSON: drop a non-finite evaluation
+        if last_eval is not None and not all(map(math.isfinite, last_eval[1:])):
+            last_eval = None
+        header = {
+            "step": self.step, "epoch": self.step // spe, "batch_in_epoch": self.step % spe,
+            "steps_per_epoch": spe, "total_steps": self.total_steps,
+            "config": self.config.to_json(), "run_info": self.run_info,
+            "data_fingerprint": self.fingerprint, "wall_time": self.wall(),
+            "last_eval": last_eval, **self.sums,
+        }  # fmt: skip
+        _save_checkpoint(self.ckpt_path, header, (self.model, self.opt_state))
+        self.ckpt_step = self.step
+
+    def result(self) -> TrainResult:
+        if self.last_eval is not None and self.last_eval[0] == self.step:
+            _, test_loss, test_acc = self.last_eval
+        else:
+            test_loss, test_acc = self.evaluate()
+        return TrainResult(
+            model=self.model,
+            opt_state=self.opt_state,
+            history=self.history,
+            test_loss=test_loss,
+            test_accuracy=test_acc,
+            wall_time=self.wall(),
+            step=self.step,
+            total_steps=self.total_steps,
+            completed=self.step == self.total_steps,
+            checkpoint_path=self.ckpt_path if self.ckpt_step is not None else None,
+        )
 
 
 def train(
@@ -480,6 +948,8 @@ def train(
     *,
     out_dir: StrPath | None = None,
     resume: bool = False,
+    overwrite: bool = False,
+    run_info: dict[str, Any] | None = None,
     filter_spec=None,
     progress: bool = True,
     stop_after_steps: int | None = None,
@@ -487,176 +957,48 @@ def train(
 ) -> TrainResult:
     """Train ``model`` on ``train_data = (x, y)``; evaluate on ``test_data`` each epoch.
 
+    ``out_dir``: the run folder (see the module doc), claimed with `run_folder` for the whole
+    call. A folder that already holds files is refused (`RunFolderError`) unless
+    ``resume`` (continue from ``out_dir/checkpoint.eqx`` if it exists, fresh otherwise) or
+    ``overwrite`` (delete the checkpoint and metrics there, then start fresh).
+    ``run_info``: a JSON-able dict describing everything else that defines the run (device
+    settings, model sizes, ...; `mtjax.experiments.run` passes its `RunSpec`), stored in the
+    checkpoint and compared key by key on resume.
     ``filter_spec``: an Equinox filter (bool or callable per leaf, a prefix of ``model``)
     restricting what is trained; by default every inexact array (leaves whose gradient is
     zero, e.g. behind ``stop_gradient``, are then simply not changed by Adam/SGD).
     ``stop_after_steps``: stop (and checkpoint) once the global step count, resumed steps
-    included, reaches this value. ``resume``: continue from ``out_dir/checkpoint.eqx`` if it
-    exists (starts fresh otherwise); without ``resume`` an existing checkpoint and metrics are
-    overwritten. The caller's ``model`` arrays are copied, never donated.
+    included, reaches this value. The caller's ``model`` arrays are copied, never donated.
     ``loss_fn(logits, x, y) -> per-example loss``: the training objective (default
     `cross_entropy`; `mtjax.distill.DistillationLoss` for KD); it may be an Equinox module
     holding arrays (a frozen teacher), which are never trained. Test metrics stay cross-entropy.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
-    x, y = _check_data(train_data, "train_data")
-    xt, yt = _check_data(test_data, "test_data")
+    data = _check_data(train_data, "train_data"), _check_data(test_data, "test_data")
     if stop_after_steps is not None and (not _is_int(stop_after_steps) or stop_after_steps < 0):
         raise ValueError(f"stop_after_steps must be None or >= 0, got {stop_after_steps!r}")
-    if resume and out_dir is None:
-        raise ValueError("resume=True needs out_dir")
-
-    steps_per_epoch = _data.num_batches(len(x), config.batch_size, drop_last=False)
-    total_steps = config.epochs * steps_per_epoch
-    stop_at = total_steps if stop_after_steps is None else min(total_steps, int(stop_after_steps))
-    optimizer = make_optimizer(config, total_steps)
-    spec = _trainable_spec(model, filter_spec)
-    model = _own(model)
-    opt_state = _own(optimizer.init(eqx.filter(model, spec)))
-    fingerprint = _fingerprint(x, y, xt, yt)
-
-    step = 0
-    wall_before = 0.0
-    sums = {"epoch_loss_sum": 0.0, "epoch_loss_count": 0, "log_loss_sum": 0.0, "log_loss_count": 0}
-    history: list[dict[str, Any]] = []
-    last_eval: tuple[int, float, float] | None = None
-    ckpt_path = metrics_path = None
-    ckpt_step: int | None = None
-    if out_dir is not None:
-        out = Path(out_dir)
-        out.mkdir(parents=True, exist_ok=True)
-        ckpt_path, metrics_path = out / CHECKPOINT_NAME, out / METRICS_NAME
-        if resume and ckpt_path.exists():
-            header, (model, opt_state) = load_checkpoint(ckpt_path, (model, opt_state))
-            _check_resumable(header, config, fingerprint, ckpt_path)
-            model, opt_state = _own(model), _own(opt_state)
-            step = ckpt_step = int(header["step"])
-            wall_before = float(header["wall_time"])
-            sums = {k: header[k] for k in sums}
-            if header.get("last_eval") is not None:
-                last_eval = tuple(header["last_eval"])
-            if metrics_path.exists():
-                history = [r for r in read_metrics(metrics_path) if r.get("step", 0) <= step]
-        _write_metrics(metrics_path, history)
-
-    def emit(record: dict[str, Any]) -> None:
-        history.append(record)
-        if metrics_path is not None:
-            with open(metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record) + "\n")
-
-    t0 = time.perf_counter()
-    wall = lambda: wall_before + (time.perf_counter() - t0)
-    base_key = jax.random.key(config.seed)
-    # stochastic models (thermal/read noise) are evaluated with a fixed key per run
-    eval_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
-    start_epoch, start_batch = divmod(step, steps_per_epoch)
-    epoch_bar = tqdm(
-        total=config.epochs, initial=min(start_epoch, config.epochs), desc="epochs",
-        unit="epoch", disable=not progress, position=0,
-    )  # fmt: skip
-    try:
-        for epoch in range(start_epoch, config.epochs):
-            if step >= stop_at:
-                break
-            first = start_batch if epoch == start_epoch else 0
-            it = _data.batches(
-                x, y, config.batch_size, seed=config.seed, epoch=epoch, drop_last=False
-            )
-            with tqdm(
-                total=steps_per_epoch, initial=first, desc=f"epoch {epoch + 1}", unit="step",
-                leave=False, disable=not progress, position=1,
-            ) as bar:  # fmt: skip
-                for xb, yb, mb in itertools.islice(it, first, None):
-                    batch = (xb, yb, mb, np.asarray(step, np.uint32), base_key, loss_fn)
-                    model, opt_state, loss, loss_ok, ok = _train_step(
-                        batch, model, opt_state, optimizer, spec
-                    )
-                    loss_f, loss_ok, ok = (v.item() for v in jax.device_get((loss, loss_ok, ok)))
-                    if not ok:
-                        what = "loss" if not loss_ok else "updated parameters"
-                        msg = (
-                            f"non-finite {what} at step {step + 1} (epoch {epoch + 1}, batch "
-                            f"{step % steps_per_epoch + 1}/{steps_per_epoch}; loss {loss_f}); "
-                            "the update was not applied; "
-                            + (
-                                f"last checkpoint: step {ckpt_step} in {ckpt_path}"
-                                if ckpt_step is not None
-                                else "no checkpoint written"
-                            )
-                        )
-                        emit({
-                            "event": "nonfinite", "step": step + 1, "epoch": epoch,
-                            "train_loss": loss_f if math.isfinite(loss_f) else None,
-                            "wall_time": wall(),
-                        })  # fmt: skip
-                        raise NonFiniteLossError(
-                            msg, step=step + 1, epoch=epoch, loss=loss_f,
-                            checkpoint_step=ckpt_step, checkpoint_path=ckpt_path,
-                        )  # fmt: skip
-                    step += 1
-                    for k in ("epoch_loss", "log_loss"):
-                        sums[f"{k}_sum"] += loss_f
-                        sums[f"{k}_count"] += 1
-                    bar.update(1)
-                    bar.set_postfix(loss=f"{loss_f:.4f}", refresh=False)
-                    if step % config.log_every == 0:
-                        emit({
-                            "event": "step", "step": step, "epoch": epoch,
-                            "train_loss": sums["log_loss_sum"] / sums["log_loss_count"],
-                            "lr": _learning_rate(config, step - 1, total_steps),
-                            "wall_time": wall(),
-                        })  # fmt: skip
-                        sums["log_loss_sum"], sums["log_loss_count"] = 0.0, 0
-                    epoch_end = step % steps_per_epoch == 0
-                    if epoch_end:
-                        test_loss, test_acc = evaluate(
-                            model, xt, yt, config.eval_batch_size, key=eval_key
-                        )
-                        last_eval = (step, test_loss, test_acc)
-                        emit({
-                            "event": "epoch", "step": step, "epoch": epoch + 1,
-                            "train_loss": sums["epoch_loss_sum"] / sums["epoch_loss_count"],
-                            "test_loss": test_loss, "test_accuracy": test_acc,
-                            "wall_time": wall(),
-                        })  # fmt: skip
-                        sums["epoch_loss_sum"], sums["epoch_loss_count"] = 0.0, 0
-                        epoch_bar.update(1)
-                        epoch_bar.set_postfix(test_acc=f"{test_acc:.4f}", refresh=False)
-                    every = config.checkpoint_every
-                    due = epoch_end if every is None else step % every == 0
-                    if ckpt_path is not None and (due or step == stop_at):
-                        header = {
-                            "step": step, "epoch": step // steps_per_epoch,
-                            "batch_in_epoch": step % steps_per_epoch,
-                            "steps_per_epoch": steps_per_epoch, "total_steps": total_steps,
-                            "config": config.to_json(), "data_fingerprint": fingerprint,
-                            "wall_time": wall(), "last_eval": last_eval, **sums,
-                        }  # fmt: skip
-                        _save_checkpoint(ckpt_path, header, (model, opt_state))
-                        ckpt_step = step
-                    if step >= stop_at:
-                        break
-    finally:
-        epoch_bar.close()
-
-    if last_eval is None or last_eval[0] != step:
-        test_loss, test_acc = evaluate(model, xt, yt, config.eval_batch_size, key=eval_key)
-    else:
-        _, test_loss, test_acc = last_eval
-    return TrainResult(
-        model=model,
-        opt_state=opt_state,
-        history=history,
-        test_loss=test_loss,
-        test_accuracy=test_acc,
-        wall_time=wall(),
-        step=step,
-        total_steps=total_steps,
-        completed=step == total_steps,
-        checkpoint_path=ckpt_path if ckpt_step is not None else None,
-    )
+    if (resume or overwrite) and out_dir is None:
+        raise ValueError(f"{'resume' if resume else 'overwrite'}=True needs out_dir")
+    if resume and overwrite:
+        raise ValueError("resume and overwrite exclude each other")
+    run_info = _normal_run_info(run_info)
+    kwargs = dict(run_info=run_info, filter_spec=filter_spec, loss_fn=loss_fn,
+                  progress=progress, stop_after_steps=stop_after_steps)  # fmt: skip
+    if out_dir is None:
+        session = _Session(model, data, config, out=None, **kwargs)
+        session.run()
+        return session.result()
+    with run_folder(out_dir, resume=resume, overwrite=overwrite) as out:
+        session = _Session(model, data, config, out=out, **kwargs)
+        if overwrite:
+            for name in _RUN_FILES:  # the checkpoint first: never a stale one to resume
+                (out / name).unlink(missing_ok=True)
+        if resume:
+            session.resume()
+        session.start_metrics()
+        session.run()
+        return session.result()
 
 
 # --------------------------------------------------------------------------- plots

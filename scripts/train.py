@@ -3,19 +3,24 @@
 With no flags: Fashion-MNIST, 784-256-10, a software-tanh MLP and an MTJ MLP (device
 forward from the paper device's response table, device m_z^2 derivative), same seed; prints
 both accuracies and the gap and writes results.json, metrics and training curves to --out.
+An existing non-empty --out is refused unless --resume (continue: every setting must match
+the checkpoints) or --overwrite (start again); a second run on the same --out is refused.
 """
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import math
+import os
+import sys
 import time
 from pathlib import Path
 
 from mtjax import experiments
 from mtjax.fileio import atomic_write_json
 from mtjax.nn.activation import DERIVATIVES, MODES
-from mtjax.train import plot_history
+from mtjax.train import LOCK_NAME, CheckpointError, RunFolderError, plot_history, run_folder
 
 #: dataset -> (flattened input size, classes)
 DATA_SHAPES = {"fashion_mnist": (784, 10), "cifar100": (3072, 100)}
@@ -33,8 +38,15 @@ def _sizes(text: str) -> tuple[int, ...]:
 
 def _nonneg(text: str) -> float:
     value = float(text)
-    if not value >= 0:
-        raise argparse.ArgumentTypeError(f"must be >= 0, got {text}")
+    if not (math.isfinite(value) and value >= 0):
+        raise argparse.ArgumentTypeError(f"must be >= 0 and finite, got {text}")
+    return value
+
+
+def _seed(text: str) -> int:
+    value = int(text)
+    if not 0 <= value < 2**32:
+        raise argparse.ArgumentTypeError(f"must be in [0, 2**32), got {text}")
     return value
 
 
@@ -63,17 +75,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--epochs", type=_positive_int, default=10)
     ap.add_argument("--batch-size", type=_positive_int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
-    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--seed", type=_seed, default=0)
     ap.add_argument("--variation", type=_nonneg, default=0.0, help="relative device spread")
     ap.add_argument("--read-noise", type=_nonneg, default=0.0, help="std, normalized signal")
     ap.add_argument("--temperature", type=_nonneg, default=0.0, help="K; > 0 implies --mode sde")
     ap.add_argument("--train-subset", type=_positive_int, default=None)
     ap.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
     ap.add_argument("--resume", action="store_true", help="continue the runs in --out")
+    ap.add_argument("--overwrite", action="store_true", help="start again in a used --out")
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    if not args.lr > 0:
-        ap.error(f"--lr must be > 0, got {args.lr}")
+    if not (math.isfinite(args.lr) and args.lr > 0):
+        ap.error(f"--lr must be > 0 and finite, got {args.lr}")
     if args.temperature > 0 and args.mode not in (None, "sde"):
         ap.error(f"--temperature is thermal simulation: use --mode sde, not {args.mode}")
     args.mode = args.mode or ("sde" if args.temperature > 0 else "table")
@@ -83,12 +96,48 @@ def parse_args(argv=None) -> argparse.Namespace:
         ap.error(f"--model for {args.dataset} must start with {n_in} and end with {n_out}")
     if args.resume and args.out is None:
         ap.error("--resume needs --out")
+    if args.resume and args.overwrite:
+        ap.error("--resume and --overwrite exclude each other")
+    args.out = args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}"
+    _check_out(ap, Path(args.out), args.resume or args.overwrite)
     return args
+
+
+def _check_out(ap: argparse.ArgumentParser, out: Path, reuse: bool) -> None:
+    """--out must be (or become) a writable folder, empty unless --resume/--overwrite."""
+    if out.exists() and not out.is_dir():
+        ap.error(f"--out {out} exists and is not a folder")
+    place = out
+    while not place.exists():
+        place = place.parent
+    if not place.is_dir():
+        ap.error(f"--out {out}: {place} is not a folder")
+    if not os.access(place, os.W_OK | os.X_OK):
+        ap.error(f"--out {out}: cannot write in {place}")
+    held = sorted(p.name for p in out.iterdir() if p.name != LOCK_NAME) if out.is_dir() else []
+    if held and not reuse:
+        ap.error(
+            f"--out {out} already holds a run ({', '.join(held[:3])}); pass --resume to "
+            "continue it or --overwrite to start again"
+        )
 
 
 def main(argv=None) -> dict:
     args = parse_args(argv)
-    out = Path(args.out or f"runs/{time.strftime('%Y%m%d-%H%M%S')}")
+    out = Path(args.out)
+    try:
+        with run_folder(out, resume=args.resume, overwrite=args.overwrite):
+            if args.overwrite:
+                for name in ("results.json", "training_curves.png"):
+                    (out / name).unlink(missing_ok=True)
+            return run_all(args, out)
+    except (RunFolderError, CheckpointError) as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
+
+
+def run_all(args: argparse.Namespace, out: Path) -> dict:
+    """Train the activations of ``args`` in ``out/<kind>``; write results.json; the report."""
     train_data, test_data = experiments.load_arrays(
         args.dataset, data_dir=args.data_dir, train_subset=args.train_subset,
         download=args.download,
@@ -105,7 +154,7 @@ def main(argv=None) -> dict:
         spec = dataclasses.replace(base, activation=kind)
         summary, res = experiments.run(
             spec, train_data, test_data, out_dir=out / kind, resume=args.resume,
-            progress=not args.no_progress,
+            overwrite=args.overwrite, progress=not args.no_progress,
         )  # fmt: skip
         results[kind], histories[kind] = summary, res.history
         plot_history(res.history, out / kind / "training_curves.png")

@@ -1,12 +1,15 @@
 """The command-line entry points: flags, outputs, errors."""
 
 import json
+import os
 import runpy
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from mtjax import train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -15,7 +18,7 @@ def _train_main():
     return runpy.run_path(str(ROOT / "scripts" / "train.py"))["main"]
 
 
-def test_train_script_both_activations(tmp_path):
+def test_train_script_both_activations(tmp_path, capsys):
     main = _train_main()
     out = tmp_path / "run"
     argv = ["--train-subset", "3000", "--epochs", "1", "--no-progress", "--out", str(out)]
@@ -32,6 +35,23 @@ def test_train_script_both_activations(tmp_path):
     # resuming a finished run changes nothing
     again = main([*argv, "--resume"])
     assert again["gap_pp"] == pytest.approx(report["gap_pp"])
+    # the run is not wiped by a new run, nor relabelled by a resume with other settings
+    files = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for extra, message in [
+        ([], f"--out {out} already holds a run"),
+        (["--resume", "--derivative", "mz"], "derivative: checkpoint 'mz2', now 'mz'"),
+        (["--resume", "--read-noise", "0.1"], "read_noise: checkpoint 0.0, now 0.1"),
+        (["--resume", "--model", "784-64-10"], "sizes: checkpoint [784, 256, 10], now [784, 64"),
+    ]:
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as exit_:
+            main([*argv, *extra])
+        assert exit_.value.code == 2 and message in capsys.readouterr().err
+    with train.run_folder(out, resume=True):  # another run holds the folder
+        with pytest.raises(SystemExit):
+            main([*argv, "--resume"])
+        assert f"run folder {out} is in use" in capsys.readouterr().err
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == files
 
 
 @pytest.mark.parametrize(
@@ -54,6 +74,46 @@ def test_train_script_bad_flags(argv, message):
     )  # fmt: skip
     assert proc.returncode == 2
     assert message in proc.stderr
+
+
+def _parse_error(argv, capsys) -> str:
+    parse_args = runpy.run_path(str(ROOT / "scripts" / "train.py"))["parse_args"]
+    with pytest.raises(SystemExit) as exit_:
+        parse_args(argv)
+    assert exit_.value.code == 2
+    return capsys.readouterr().err
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        (["--lr", "inf"], "--lr must be > 0 and finite, got inf"),
+        (["--lr", "nan"], "--lr must be > 0 and finite, got nan"),
+        (["--variation", "inf"], "--variation: must be >= 0 and finite, got inf"),
+        (["--read-noise", "nan"], "--read-noise: must be >= 0 and finite, got nan"),
+        (["--seed", "-1"], "--seed: must be in [0, 2**32), got -1"),
+        (["--seed", str(2**32)], f"--seed: must be in [0, 2**32), got {2**32}"),
+        (["--out", "x", "--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+    ],
+)
+def test_train_script_rejects_values(argv, message, capsys):
+    assert message in _parse_error(argv, capsys)
+
+
+def test_train_script_checks_out_up_front(tmp_path, capsys):
+    (tmp_path / "file").write_text("x")
+    out = tmp_path / "file"
+    assert f"--out {out} exists and is not a folder" in _parse_error(["--out", str(out)], capsys)
+    sub = out / "run"
+    assert f"--out {sub}: {out} is not a folder" in _parse_error(["--out", str(sub)], capsys)
+    (tmp_path / "used").mkdir()
+    (tmp_path / "used" / "results.json").write_text("{}")
+    err = _parse_error(["--out", str(tmp_path / "used")], capsys)
+    assert "already holds a run (results.json); pass --resume" in err
+    if os.geteuid() != 0:  # root may write anywhere
+        (tmp_path / "ro").mkdir(mode=0o500)
+        ro = tmp_path / "ro" / "run"
+        assert "cannot write in" in _parse_error(["--out", str(ro)], capsys)
 
 
 def test_device_demo_prints_table():
