@@ -18,6 +18,7 @@ import time
 from pathlib import Path
 
 from mtjax import experiments
+from mtjax.data import DataFormatError, DatasetNotFoundError
 from mtjax.fileio import atomic_write_json
 from mtjax.nn.activation import DERIVATIVES, MODES
 from mtjax.train import LOCK_NAME, CheckpointError, RunFolderError, plot_history, run_folder
@@ -131,7 +132,7 @@ def main(argv=None) -> dict:
                 for name in ("results.json", "training_curves.png"):
                     (out / name).unlink(missing_ok=True)
             return run_all(args, out)
-    except (RunFolderError, CheckpointError) as err:
+    except (RunFolderError, CheckpointError, DatasetNotFoundError, DataFormatError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
