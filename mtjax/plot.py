@@ -120,10 +120,12 @@ def _act_single(act: MTJActivation, name: str = "device") -> None:
         )
 
 
-def _readouts(device, z: np.ndarray, key, samples: int):
+def _readouts(device, z: np.ndarray, key, samples: int, input_scale=None):
     """(values (S, n, 2), input scale (A)) of one device at inputs z; S = 1 without key."""
     if isinstance(device, MTJActivation):
         _act_single(device)
+        if input_scale is not None:
+            raise ValueError("input_scale: an MTJActivation uses its own input_scale")
         zz = jnp.asarray(z, dtype=jnp.result_type(float))
         if key is None:
             vals = jnp.stack(device.read(zz), axis=-1)[None]
@@ -131,7 +133,7 @@ def _readouts(device, z: np.ndarray, key, samples: int):
             vals = _act_samples(device, zz, _keys(key, samples, "noise bands"))
         return np.asarray(vals), device.input_scale
     _check_single(device, "device")
-    scale = current_scale(device)
+    scale = current_scale(device) if input_scale is None else _positive_scale(input_scale)
     currents = jnp.asarray(z * float(scale), dtype=jnp.result_type(float))
     if key is None:
         return np.asarray(response_curves(device, currents))[None], scale
@@ -139,6 +141,13 @@ def _readouts(device, z: np.ndarray, key, samples: int):
     tiled = jnp.tile(currents, int(samples))
     vals = response_curves(device, tiled, key=key).reshape(int(samples), z.size, 2)
     return np.asarray(vals), scale
+
+
+def _positive_scale(input_scale) -> float:
+    s = float(input_scale)
+    if not (math.isfinite(s) and s > 0):
+        raise ValueError(f"input_scale: must be finite and > 0 (A), got {input_scale!r}")
+    return s
 
 
 def _signal2(vals: np.ndarray, derivative: str) -> np.ndarray:
@@ -175,21 +184,23 @@ def response(
     derivative: str = "mz",
     key: PRNGKeyArray | None = None,
     samples: int = 32,
+    input_scale: float | None = None,
     reference: bool = True,
     label: str | None = None,
 ) -> Axes:
     """m.p1 and m.p2 (or (m.p2)² with `derivative="mz2"`) after one pulse against the input,
     with the tanh(z) and sech(z) (sech²) references.
 
-    `device`: one `DeviceParams` (P1 current z * I_s of that device, ODE solve) or an
-    `MTJActivation` with one shared device (its `read`, current z * input_scale). `x`: "z"
+    `device`: one `DeviceParams` (P1 current z * input_scale, default I_s =
+    `current_scale(device)`; ODE solve) or an `MTJActivation` with one shared device (its
+    `read`, current z * its input_scale). `x`: "z"
     (dimensionless input) or "current" (P1 current in µA). With `key`, the curves are the
     mean over `samples` Monte Carlo evaluations with a +-1 std band (thermal field for
     `DeviceParams`; the activation's own noise: "sde" mode, read noise). Lines, in order:
     m.p1, tanh, m.p2, sech (references only if `reference`)."""
     _check_x(x)
     z = _z_grid(z)
-    vals, scale = _readouts(device, z, key, samples)
+    vals, scale = _readouts(device, z, key, samples, input_scale)
     xs = _x_values(z, x, scale)
     ax = _axes(ax)
     prefix = f"{label}: " if label else ""
@@ -242,7 +253,7 @@ def population(
     if isinstance(devices, MTJActivation):
         if devices.n_devices is None:
             raise ValueError("devices: MTJActivation with one shared device; use plot.response")
-        scale = devices.input_scale if input_scale is None else input_scale
+        scale = devices.input_scale if input_scale is None else _positive_scale(input_scale)
         n = devices.n_devices
         per_z = jax.vmap(lambda zi: jnp.stack(devices.read(jnp.full((n,), zi)), axis=-1))
         curves = np.asarray(per_z(jnp.asarray(z, jnp.result_type(float))))[..., col].T
@@ -254,7 +265,7 @@ def population(
         if input_scale is None:
             ref = nominal if nominal is not None else devices
             input_scale = jnp.mean(current_scale(ref))
-        scale = input_scale
+        scale = _positive_scale(input_scale)
         currents = jnp.asarray(z * float(scale), jnp.result_type(float))
         curves = np.asarray(response_curves(devices, currents))[..., col]
     xs = _x_values(z, x, scale)
@@ -395,7 +406,7 @@ def sweep(
     if len(values) < 1:
         raise ValueError("values: need at least one value")
     z = _z_grid(z)
-    scale = current_scale(params) if input_scale is None else input_scale
+    scale = current_scale(params) if input_scale is None else _positive_scale(input_scale)
     devs = [params.replace(**{name: v}) for v in values]
     batch = jax.tree.map(lambda *leaves: jnp.stack(leaves), *devs)
     currents = jnp.asarray(z * float(scale), jnp.result_type(float))

@@ -82,6 +82,17 @@ def test_response_thermal_device_band():
     assert np.all(np.abs(ax.lines[0].get_ydata() - np.tanh([-1, 0, 1])) < 0.1)
 
 
+def test_response_input_scale():
+    p = mtjax.DeviceParams.paper(pulse_duration=2e-9)  # twice the gain at the same current
+    i_s = float(mtjax.current_scale(mtjax.DeviceParams.paper()))
+    ax = plot.response(p, z=Z, input_scale=i_s, reference=False)
+    np.testing.assert_allclose(ax.lines[0].get_ydata(), np.tanh(2 * Z), atol=1e-4)
+    with pytest.raises(ValueError, match="input_scale"):
+        plot.response(p, z=Z, input_scale=-1.0)
+    with pytest.raises(ValueError, match="input_scale"):
+        plot.response(MTJActivation(mode="ideal"), z=Z, input_scale=1e-4)
+
+
 def test_response_errors():
     with pytest.raises(ValueError, match="key"):
         plot.response(MTJActivation(read_noise=0.1), z=Z)  # stochastic needs a key
