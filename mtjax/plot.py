@@ -150,9 +150,12 @@ def _positive_scale(input_scale) -> float:
     return s
 
 
-def _signal2(vals: np.ndarray, derivative: str) -> np.ndarray:
+def _check_derivative(derivative: str) -> None:
     if derivative not in DERIVATIVE_SIGNALS:
         raise ValueError(f"derivative: choose from {DERIVATIVE_SIGNALS}, got {derivative!r}")
+
+
+def _signal2(vals: np.ndarray, derivative: str) -> np.ndarray:
     return vals[..., 1] ** 2 if derivative == "mz2" else vals[..., 1]
 
 
@@ -193,12 +196,13 @@ def response(
 
     `device`: one `DeviceParams` (P1 current z * input_scale, default I_s =
     `current_scale(device)`; ODE solve) or an `MTJActivation` with one shared device (its
-    `read`, current z * its input_scale). `x`: "z"
-    (dimensionless input) or "current" (P1 current in µA). With `key`, the curves are the
-    mean over `samples` Monte Carlo evaluations with a +-1 std band (thermal field for
-    `DeviceParams`; the activation's own noise: "sde" mode, read noise). Lines, in order:
-    m.p1, tanh, m.p2, sech (references only if `reference`)."""
+    `read`, current z * its input_scale). `x`: "z" (dimensionless input) or "current" (P1
+    current in µA). With `key`, the curves are the mean over `samples` Monte Carlo
+    evaluations with a +-1 std band (thermal field for `DeviceParams`; the activation's own
+    noise: "sde" mode, read noise). Lines, in order: m.p1, tanh, m.p2, sech (references
+    only if `reference`)."""
     _check_x(x)
+    _check_derivative(derivative)
     z = _z_grid(z)
     vals, scale = _readouts(device, z, key, samples, input_scale)
     xs = _x_values(z, x, scale)
@@ -303,10 +307,10 @@ def readout_histogram(
     and sech(z) (if `reference`). Legend: mean +- std of each read-out."""
     if not np.isfinite(z):
         raise ValueError(f"z: must be finite, got {z!r}")
+    keys = _keys(key, samples, "histograms")
     if isinstance(device, MTJActivation) and device.n_devices is not None:
         zz = jnp.full((device.n_devices,), z, jnp.result_type(float))
-        vals = np.asarray(_act_samples(device, zz, _keys(key, samples, "histograms")))
-        vals = vals.reshape(-1, 2)
+        vals = np.asarray(_act_samples(device, zz, keys)).reshape(-1, 2)
     else:
         vals = _readouts(device, np.array([float(z)]), key, samples)[0][:, 0, :]
     ax = _axes(ax)
@@ -401,6 +405,7 @@ def sweep(
     unchanged device). Lines per panel: one per value, then the reference."""
     _check_single(params)
     _check_x(x)
+    _check_derivative(derivative)
     if name not in SCALAR_FIELDS and name not in VECTOR_FIELDS:
         raise ValueError(f"name: {name!r} is not a DeviceParams field")
     if len(values) < 1:

@@ -134,6 +134,11 @@ def test_readout_histogram_counts_and_mean():
     assert [ln.get_xdata()[0] for ln in ax.lines] == pytest.approx([np.tanh(0.5), 1 / np.cosh(0.5)])
     with pytest.raises(ValueError, match="key"):
         plot.readout_histogram(act, 0.5, key=None)
+    # per-neuron devices: every neuron of every read pooled
+    devs = mtjax.sample_devices(mtjax.DeviceParams.paper(), jax.random.key(2), 4)
+    act = MTJActivation(devs, mode="analytic", read_noise=0.02)
+    ax = plot.readout_histogram(act, -1.0, key=jax.random.key(3), samples=50)
+    assert [sum(b.get_height() for b in bars) for bars in ax.containers] == [200, 200]
 
 
 def test_population_device_curves():
