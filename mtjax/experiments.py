@@ -21,9 +21,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from mtjax import data as _data
+from mtjax import plot as _plot
 from mtjax import train as _train
 from mtjax.analytic import current_scale
-from mtjax.fileio import new_figure, save_figure
 from mtjax.nn import MLP, MTJActivation, deploy, trainable
 from mtjax.params import DeviceParams
 from mtjax.variation import Spreads, sample_devices
@@ -182,17 +182,6 @@ def mean_std(values: Sequence[float]) -> dict[str, float]:
 
 
 def plot_curves(histories: dict[str, list[dict]], path: str | os.PathLike) -> Path:
-    """Test accuracy per epoch of several runs (label -> `TrainResult.history`), PNG."""
-    fig = new_figure(figsize=(5, 3.5), layout="constrained")
-    ax = fig.subplots()
-    for label, history in histories.items():
-        epochs = [r for r in history if r.get("event") == "epoch"]
-        ax.plot(
-            [r["epoch"] for r in epochs], [100 * r["test_accuracy"] for r in epochs], "o-",
-            label=label,
-        )  # fmt: skip
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
-    ax.grid(alpha=0.3)
-    ax.legend()
-    return save_figure(fig, path)
+    """Test accuracy per epoch of several runs (label -> `TrainResult.history`), PNG
+    (`mtjax.plot.accuracy_curves`)."""
+    return _plot.save(_plot.accuracy_curves(histories), path)

@@ -18,12 +18,11 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import numpy as np
 
 from mtjax import experiments as ex
+from mtjax import plot as _plot
 from mtjax import train as _train
 from mtjax.distill import distill
-from mtjax.fileio import new_figure, save_figure
 from mtjax.nn import deploy, trainable
 
 Row = dict[str, Any]
@@ -188,19 +187,6 @@ def markdown_table(rows: Sequence[Row]) -> str:
 
 
 def robustness_heatmap(result: dict, path: str | os.PathLike) -> Path:
-    """Heatmaps of `robustness_study` (one panel per grid), PNG written atomically."""
-    grids = result["accuracy_pp"]
-    fig = new_figure(figsize=(4.6 * len(grids), 3.8), layout="constrained")
-    axes = fig.subplots(1, len(grids), squeeze=False)
-    for ax, (name, grid) in zip(axes[0], grids.items(), strict=True):
-        g = np.asarray(grid)
-        im = ax.imshow(g, cmap="viridis", origin="lower", aspect="auto")
-        ax.set_xticks(range(len(result["read_noise"])), [str(r) for r in result["read_noise"]])
-        ax.set_yticks(range(len(result["variation"])), [str(s) for s in result["variation"]])
-        ax.set_xlabel("read noise (normalized signal)")
-        ax.set_ylabel("device variation (relative)")
-        ax.set_title(f"{name} (software {result['software_accuracy_pp']:.2f} %)")
-        for (i, j), v in np.ndenumerate(g):
-            ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w", fontsize=8)
-        fig.colorbar(im, ax=ax, label="test accuracy (%)")
-    return save_figure(fig, path)
+    """Heatmaps of `robustness_study` (one panel per grid, `mtjax.plot.robustness_heatmaps`),
+    PNG written atomically."""
+    return _plot.save(_plot.robustness_heatmaps(result), path)
