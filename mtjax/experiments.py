@@ -126,6 +126,18 @@ def make_model(spec: RunSpec) -> MLP:
     return MLP(spec.sizes, hidden_activations(spec, k_dev), key=k_model)
 
 
+#: What `run` records as the checkpoint's ``model_builder`` (see `mtjax.train.load_run`).
+MODEL_BUILDER = "mtjax.experiments:model_from_run_info"
+
+
+def model_from_run_info(run_info: dict[str, Any]) -> MLP:
+    """`make_model` of the `RunSpec` whose `RunSpec.run_info` is ``run_info`` (as read back
+    from JSON): the untrained template `mtjax.train.load_run` fills."""
+    if not isinstance(run_info, dict):
+        raise ValueError(f"run_info must be a RunSpec dict, got {type(run_info).__name__}")
+    return make_model(RunSpec(**{**run_info, "sizes": tuple(run_info["sizes"])}))
+
+
 def run(
     spec: RunSpec,
     train_data,
@@ -136,14 +148,18 @@ def run(
     overwrite: bool = False,
     progress: bool = True,
     model: eqx.Module | None = None,
+    mesh: jax.sharding.Mesh | None = None,
 ) -> tuple[dict[str, Any], _train.TrainResult]:
     """Train `spec` (or the given initial `model`); return (summary, TrainResult).
 
-    `out_dir`, `resume`, `overwrite`: the run folder, as in `mtjax.train.train`; the whole
-    `spec` is its `run_info`, so resuming with any other setting is refused."""
+    `out_dir`, `resume`, `overwrite`, `mesh`: as in `mtjax.train.train`; the whole `spec` is
+    its `run_info`, so resuming with any other setting is refused. Without `model`, the
+    checkpoints record `MODEL_BUILDER`, so `mtjax.train.load_run(out_dir)` rebuilds the
+    trained model from the folder alone."""
     n_in = int(np.prod(train_data[0].shape[1:]))
     if spec.sizes[0] != n_in:
         raise ValueError(f"sizes: first size {spec.sizes[0]} != input size {n_in} of the data")
+    builder = MODEL_BUILDER if model is None else None
     model = make_model(spec) if model is None else model
     result = _train.train(
         model,
@@ -156,6 +172,8 @@ def run(
         run_info=spec.run_info(),
         progress=progress,
         filter_spec=trainable(model),
+        mesh=mesh,
+        model_builder=builder,
     )
     summary = {
         "spec": spec.run_info(),

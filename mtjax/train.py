@@ -19,6 +19,16 @@ over all ``epochs * steps_per_epoch`` steps (``optax.cosine_decay_schedule``); n
 ``optax.adamw`` is called with the schedule; a ready ``optax.GradientTransformation`` is used as
 is (``lr`` and ``schedule`` are then ignored). `make_schedule` / `make_optimizer` build them.
 
+Devices (`mtjax.sharding`): with more than one JAX device (or a ``mesh`` passed in), `train`
+is data-parallel on a `jax.sharding.Mesh` with a ``"data"`` axis: each batch is split along
+it, the model and optimizer state are replicated, and XLA reduces the gradients. The
+per-example keys are the same as on one device (``split(fold_in(key(seed), k), batch)[i]``),
+so a run differs between device counts only by floating-point reduction order;
+``batch_size`` must be a multiple of the data-axis size. Multi-host runs (after
+`mtjax.sharding.initialize_distributed`) work the same way: every process loads the data and
+computes the same batch order, transfers only its devices' shards, and process 0 writes the
+run files (``out_dir`` must then be a folder every host sees).
+
 The run folder ``out_dir`` (optional) is claimed with `run_folder`: an exclusive lock on
 ``.lock`` while the run writes there; a folder that already holds files is refused unless
 ``resume`` (continue the run) or ``overwrite`` (delete this module's files and start again).
@@ -30,20 +40,25 @@ Files:
   ``test_accuracy``); ``"step"`` counts updates done, ``"epoch"`` is 1-based for epoch records
   and 0-based for step records, and ``"wall_time"`` is seconds of training summed over resumed
   sessions. A torn last line (a kill mid-write) is ignored when read.
-- ``checkpoint.eqx``: one file, written atomically: a one-line JSON header (step, config,
-  ``run_info``, data fingerprint, running loss sums, the path/shape/dtype of every array leaf,
-  and a SHA-256 over the header and the payload), a newline, then
-  ``eqx.tree_serialise_leaves`` of ``(model, opt_state)``. ``checkpoint.json`` is a readable
-  copy of the header (without the leaf list), written after it.
+- ``checkpoints/<step>/``: orbax-checkpoint steps (`orbax.checkpoint.CheckpointManager`:
+  written to a temporary folder and renamed when complete, the last
+  ``config.keep_checkpoints`` kept, optionally saved in the background). Each holds the
+  items ``model`` and ``opt_state`` (the array leaves, saved as sharded ``jax.Array``s, so a
+  checkpoint written on N devices restores on M) and ``mtjax``, a JSON header: step, config,
+  ``run_info``, the importable ``model_builder``, data fingerprint, running loss sums, the
+  path/shape/dtype of every leaf, a SHA-256 of each item's array bytes and one of the header.
 
-``resume=True`` continues from ``checkpoint.eqx`` (the model passed in is the template): it
+``resume=True`` continues from the latest checkpoint (the model passed in is the template): it
 skips the batches already done in the interrupted epoch and gives bit-identical weights and
-metrics (other than wall time) to an uninterrupted run. Everything that defines the run must
-match the checkpoint (`CheckpointError` names what differs): the config (all fields but
-``checkpoint_every``), ``run_info`` (a JSON-able description of the run, compared key by key),
-the data, and the model/optimizer-state structure. A non-finite loss (or an update that would
-make a parameter non-finite) is not applied; `NonFiniteLossError` names the step, and the
-checkpoint on disk stays the last finite one. Epoch-end evaluation uses one fixed key per run,
+metrics (other than wall time) to an uninterrupted run on the same devices. Everything that
+defines the run must match the checkpoint (`CheckpointError` names what differs): the config
+(all fields but ``checkpoint_every``, ``keep_checkpoints`` and ``async_checkpoints``),
+``run_info`` (a JSON-able description of the run, compared key by key), the data, and the
+model/optimizer-state structure; the device count may differ. `load_checkpoint` reads a
+checkpoint into a template, `load_run` rebuilds the trained model from the run folder alone
+when the run recorded a ``model_builder``. A non-finite loss (or an update that would make a
+parameter non-finite) is not applied; `NonFiniteLossError` names the step, and the checkpoint
+on disk stays the last finite one. Epoch-end evaluation uses one fixed key per run,
 ``fold_in(key(seed), 2**31 - 1)`` (deterministic models ignore it).
 """
 
@@ -53,12 +68,13 @@ import contextlib
 import dataclasses
 import functools
 import hashlib
-import io
+import importlib
 import itertools
 import json
 import math
 import os
 import re
+import shutil
 import time
 import warnings
 from collections.abc import Callable, Iterator, Sequence
@@ -74,6 +90,7 @@ from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 from tqdm.auto import tqdm
 
 from mtjax import data as _data
+from mtjax import sharding as _sharding
 from mtjax.fileio import atomic_write_bytes, new_figure, save_figure
 
 try:
@@ -85,9 +102,9 @@ __all__ = [
     "CHECKPOINT_NAME",
     "LOCK_NAME",
     "METRICS_NAME",
-    "SIDECAR_NAME",
     "Batch",
     "CheckpointError",
+    "LoadedRun",
     "NonFiniteLossError",
     "RunFolderError",
     "StepResult",
@@ -98,6 +115,7 @@ __all__ = [
     "evaluate",
     "init_state",
     "load_checkpoint",
+    "load_run",
     "make_optimizer",
     "make_schedule",
     "plot_history",
@@ -109,16 +127,19 @@ __all__ = [
 
 StrPath = str | os.PathLike[str]
 
-CHECKPOINT_NAME = "checkpoint.eqx"
-SIDECAR_NAME = "checkpoint.json"
+CHECKPOINT_NAME = "checkpoints"  # folder of orbax checkpoint steps
 METRICS_NAME = "metrics.jsonl"
 LOCK_NAME = ".lock"
-_RUN_FILES = (CHECKPOINT_NAME, SIDECAR_NAME, METRICS_NAME)
-_FORMAT = "mtjax.train.checkpoint/2"
+# checkpoint.eqx/.json: the single-file format of mtjax before orbax (refused on resume)
+_LEGACY_CHECKPOINT = "checkpoint.eqx"
+_RUN_FILES = (CHECKPOINT_NAME, _LEGACY_CHECKPOINT, "checkpoint.json", METRICS_NAME)
+_FORMAT = "mtjax.train.checkpoint/3"
+_HEADER_ITEM = "mtjax"  # orbax item names inside a step folder
+_ARRAY_ITEMS = ("model", "opt_state")
 _OPTIMIZERS = ("adam", "sgd")
 _SCHEDULES = ("cosine", "constant")
 # Config fields that may change on resume (they do not change the trajectory or the metrics).
-_RESUME_FREE = ("checkpoint_every",)
+_RESUME_FREE = ("checkpoint_every", "keep_checkpoints", "async_checkpoints")
 # Temporary files of `mtjax.fileio.atomic_write_bytes` (tempfile.mkstemp): ".NAME.XXXXXXXX.tmp".
 _TEMP_FILE = re.compile(r"^\..+\.[a-z0-9_]{8}\.tmp$")
 
@@ -189,6 +210,9 @@ class TrainConfig:
     - ``checkpoint_every``: steps between checkpoints; ``None`` checkpoints at each epoch end.
       The last step (and a ``stop_after_steps`` stop) is always checkpointed.
     - ``log_every``: steps between ``"step"`` records in the metrics.
+    - ``keep_checkpoints``: how many of the latest checkpoints to keep (>= 1).
+    - ``async_checkpoints``: write checkpoints in the background (orbax; the arrays are
+      copied off the devices before the next step); `train` waits for them before returning.
     """
 
     epochs: int = 10
@@ -202,9 +226,11 @@ class TrainConfig:
     eval_batch_size: int = 1000
     checkpoint_every: int | None = None
     log_every: int = 50
+    keep_checkpoints: int = 2
+    async_checkpoints: bool = False
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "eval_batch_size", "log_every"):
+        for name in ("epochs", "batch_size", "eval_batch_size", "log_every", "keep_checkpoints"):
             v = getattr(self, name)
             if not _is_int(v) or v < 1:
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 1, got {v!r}")
@@ -212,6 +238,9 @@ class TrainConfig:
             raise ValueError(
                 f"TrainConfig.seed must be an integer in [0, 2**32), got {self.seed!r}"
             )
+        if not isinstance(self.async_checkpoints, bool | np.bool_):
+            v = self.async_checkpoints
+            raise ValueError(f"TrainConfig.async_checkpoints must be True or False, got {v!r}")
         ce = self.checkpoint_every
         if ce is not None and (not _is_int(ce) or ce < 1):
             raise ValueError(f"TrainConfig.checkpoint_every must be None or >= 1, got {ce!r}")
@@ -247,6 +276,8 @@ class TrainConfig:
         d["lr"] = float(self.lr)
         for k in ("epochs", "batch_size", "seed", "eval_batch_size", "log_every"):
             d[k] = int(d[k])
+        d["keep_checkpoints"] = int(d["keep_checkpoints"])
+        d["async_checkpoints"] = bool(d["async_checkpoints"])
         if d["checkpoint_every"] is not None:
             d["checkpoint_every"] = int(d["checkpoint_every"])
         return d
@@ -500,12 +531,23 @@ def _eval_batch(model, x, y, mask, key, index):
     return jnp.stack([total, correct.astype(jnp.float32)])
 
 
-def evaluate(model, x, y, batch_size: int, *, key: jax.Array | None = None) -> tuple[float, float]:
+def evaluate(
+    model,
+    x,
+    y,
+    batch_size: int,
+    *,
+    key: jax.Array | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[float, float]:
     """Mean cross-entropy and accuracy of ``model`` on all of ``(x, y)``.
 
     Batches of ``batch_size`` in order; the last one is padded and masked, so no example is
     dropped or counted twice. ``key=None`` calls the model with ``key=None`` (deterministic);
-    otherwise batch ``b`` uses ``fold_in(key, b)`` split over its examples.
+    otherwise batch ``b`` uses ``fold_in(key, b)`` split over its examples. ``mesh``: run on
+    its devices (`mtjax.sharding`), each batch split along ``"data"`` when the batch size is
+    a multiple of the data axis, else computed replicated; the numbers do not depend on it
+    beyond floating-point summation order.
     """
     x, y = _check_data((x, y), "evaluate")
     if not _is_int(batch_size) or batch_size < 1:
@@ -513,11 +555,18 @@ def evaluate(model, x, y, batch_size: int, *, key: jax.Array | None = None) -> t
     n = len(x)
     bs = min(int(batch_size), n)
     it = _data.batches(x, y, bs, seed=0, epoch=0, shuffle=False, drop_last=False)
+    put_batch = put_fixed = lambda tree: tree
+    if mesh is not None and _sharding.n_data(_sharding.check_mesh(mesh)) > 1:
+        rep = _sharding.replicated(mesh)
+        split = _sharding.batch_sharding(mesh) if bs % _sharding.n_data(mesh) == 0 else rep
+        put_batch = lambda tree: _sharding._place(tree, lambda p, v: split)
+        put_fixed = lambda tree: _sharding._place(tree, lambda p, v: rep)
+        model, key = put_fixed((model, key))
     sums = [
-        _eval_batch(model, xb, yb, mb, key, np.asarray(b, np.uint32))
+        _eval_batch(model, *put_batch((xb, yb, mb)), key, put_fixed(np.asarray(b, np.uint32)))
         for b, (xb, yb, mb) in enumerate(it)
     ]
-    total = np.asarray(jnp.stack(sums), dtype=np.float64).sum(axis=0)
+    total = np.asarray(np.stack([_sharding.to_host(v) for v in sums]), np.float64).sum(axis=0)
     return float(total[0] / n), float(total[1] / n)
 
 
@@ -550,12 +599,21 @@ def run_folder(path: StrPath, *, resume: bool = False, overwrite: bool = False) 
     folder holding anything besides the lock unless ``resume`` or ``overwrite`` (which only
     allow it; deleting is the caller's business); removes orphan temporary files of
     `mtjax.fileio.atomic_write_bytes` (``.NAME.XXXXXXXX.tmp``) left by a killed run.
+
+    Multi-host (`mtjax.sharding.multi_process`): process 0 creates and locks the folder; the
+    others only check it; all meet at a barrier before the block runs.
     """
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other")
     folder = Path(path)
     if folder.exists() and not folder.is_dir():
         raise RunFolderError(f"run folder {folder} exists and is not a folder")
+    if not _sharding.is_primary():
+        if folder.is_dir():
+            _check_folder_entries(folder, resume or overwrite)
+        _sharding.sync(f"mtjax.run_folder:{folder}")
+        yield folder
+        return
     try:
         folder.mkdir(parents=True, exist_ok=True)
         fd = os.open(folder / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o666)
@@ -563,28 +621,44 @@ def run_folder(path: StrPath, *, resume: bool = False, overwrite: bool = False) 
         raise RunFolderError(f"cannot write to run folder {folder}: {err.strerror}") from None
     try:
         _lock(fd, folder)
-        entries = [p for p in folder.iterdir() if p.name != LOCK_NAME]
-        temps = [p for p in entries if _TEMP_FILE.match(p.name) and p.is_file()]
-        others = sorted(p.name for p in entries if p not in temps)
-        if others and not (resume or overwrite):
-            raise RunFolderError(
-                f"run folder {folder} is not empty (it holds {', '.join(others[:3])}"
-                f"{', ...' if len(others) > 3 else ''}): resume the run or overwrite it"
-            )
-        for p in temps:
+        for p in _check_folder_entries(folder, resume or overwrite):
             p.unlink(missing_ok=True)
+        _sharding.sync(f"mtjax.run_folder:{folder}")
         yield folder
     finally:
         os.close(fd)  # releases the lock
 
 
+def _check_folder_entries(folder: Path, reuse: bool) -> list[Path]:
+    """The orphan temporary files of ``folder``; `RunFolderError` if it holds anything else
+    (besides the lock) and not ``reuse``."""
+    entries = [p for p in folder.iterdir() if p.name != LOCK_NAME]
+    temps = [p for p in entries if _TEMP_FILE.match(p.name) and p.is_file()]
+    others = sorted(p.name for p in entries if p not in temps)
+    if others and not reuse:
+        raise RunFolderError(
+            f"run folder {folder} is not empty (it holds {', '.join(others[:3])}"
+            f"{', ...' if len(others) > 3 else ''}): resume the run or overwrite it"
+        )
+    return temps
+
+
 # --------------------------------------------------------------------------- checkpoints
 
 
-def _tree_structure(tree) -> list[list[Any]]:
-    """``[path, shape, dtype]`` of every array leaf, in serialisation order."""
+def _is_key_array(v) -> bool:
+    return eqx.is_array(v) and jax.dtypes.issubdtype(v.dtype, jax.dtypes.prng_key)
+
+
+def _array_leaves(tree) -> list[tuple[str, Any]]:
+    """``(path, leaf)`` of every array leaf of ``tree``, in flattening order."""
     leaves, _ = jax.tree_util.tree_flatten_with_path(eqx.filter(tree, eqx.is_array))
-    return [[jax.tree_util.keystr(p), list(v.shape), str(v.dtype)] for p, v in leaves]
+    return [(jax.tree_util.keystr(p), v) for p, v in leaves]
+
+
+def _tree_structure(tree, prefix: str = "") -> list[list[Any]]:
+    """``[path, shape, dtype]`` of every array leaf, in flattening order."""
+    return [[prefix + p, list(v.shape), str(v.dtype)] for p, v in _array_leaves(tree)]
 
 
 def _structure_diff(saved: list | None, now: list) -> str | None:
@@ -606,72 +680,276 @@ def _structure_diff(saved: list | None, now: list) -> str | None:
     return None
 
 
-def _digest(header: dict[str, Any], payload: bytes) -> str:
-    """SHA-256 over the canonical JSON of ``header`` (without "sha256") and the payload."""
-    canonical = json.dumps(header, sort_keys=True, allow_nan=False, separators=(",", ":"))
-    return hashlib.sha256(canonical.encode() + b"\n" + payload).hexdigest()
+def _storable(v):
+    """What orbax stores for a leaf: the raw data of a PRNG key array, else the array."""
+    return jax.random.key_data(v) if _is_key_array(v) else v
 
 
-def _save_checkpoint(path: Path, header: dict[str, Any], tree) -> None:
-    buf = io.BytesIO()
-    eqx.tree_serialise_leaves(buf, tree)
-    payload = buf.getvalue()
+def _item_arrays(tree) -> dict[str, Any]:
+    return {f"{i:05d}": _storable(v) for i, (_, v) in enumerate(_array_leaves(tree))}
+
+
+def _item_digest(tree) -> str:
+    """SHA-256 over the path, dtype, shape and bytes of every array leaf of ``tree``."""
+    h = hashlib.sha256()
+    for path, v in _array_leaves(tree):
+        a = np.ascontiguousarray(_sharding.to_host(_storable(v)))
+        h.update(f"{path}|{v.dtype}|{a.shape};".encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    return h.hexdigest()
+
+
+def _header_digest(header: dict[str, Any]) -> str:
+    """SHA-256 over the canonical JSON of ``header`` without its "sha256" field."""
+    body = {k: v for k, v in header.items() if k != "sha256"}
+    canonical = json.dumps(body, sort_keys=True, allow_nan=False, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()
+
+
+def _manager(root: Path, config: TrainConfig | None = None):
+    """An `orbax.checkpoint.CheckpointManager` on ``root`` (read-only without ``config``)."""
+    import orbax.checkpoint as ocp
+
+    writing = config is not None
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=config.keep_checkpoints if writing else None,
+        enable_async_checkpointing=bool(writing and config.async_checkpoints),
+        create=writing,
+        read_only=not writing,
+        cleanup_tmp_directories=writing,
+    )
+    return ocp.CheckpointManager(root, options=options, item_names=(_HEADER_ITEM, *_ARRAY_ITEMS))
+
+
+def _save_checkpoint(manager, step: int, header: dict[str, Any], trees: dict[str, Any]) -> None:
+    import orbax.checkpoint as ocp
+
     header = {
         **header,
         "format": _FORMAT,
-        "payload_bytes": len(payload),
-        "structure": _tree_structure(tree),
+        "structure": {k: _tree_structure(t, k) for k, t in trees.items()},
+        "digests": {k: _item_digest(t) for k, t in trees.items()},
     }
-    header["sha256"] = _digest(header, payload)
-    line = json.dumps(header, sort_keys=True, allow_nan=False).encode()
-    atomic_write_bytes(path, line + b"\n" + payload)
-    readable = {k: v for k, v in header.items() if k != "structure"}
-    sidecar = json.dumps({**readable, "checkpoint": path.name}, sort_keys=True, indent=2)
-    atomic_write_bytes(path.with_name(SIDECAR_NAME), sidecar.encode() + b"\n")
+    header["sha256"] = _header_digest(header)
+    args = {_HEADER_ITEM: ocp.args.JsonSave(header)}
+    for k, t in trees.items():
+        if header["structure"][k]:  # orbax refuses an empty tree
+            args[k] = ocp.args.StandardSave(_item_arrays(t))
+    manager.save(step, args=ocp.args.Composite(**args), force=True)
 
 
-def _read_checkpoint(path: Path) -> tuple[dict[str, Any], bytes]:
-    """``(header, payload)`` of a checkpoint whose hash checks out, else `CheckpointError`."""
+def _read_header(manager, step: int, step_dir: Path) -> dict[str, Any]:
+    """The header of checkpoint ``step``, its hash checked, else `CheckpointError`."""
+    import orbax.checkpoint as ocp
+
+    if not (step_dir / _HEADER_ITEM).is_dir():
+        raise CheckpointError(f"{step_dir}: not a {_FORMAT} checkpoint (no {_HEADER_ITEM}/)")
     try:
-        blob = path.read_bytes()
-    except OSError as err:
-        raise CheckpointError(f"{path}: cannot read the checkpoint ({err.strerror})") from None
-    head, sep, payload = blob.partition(b"\n")
-    try:
-        header = json.loads(head)
-        ok = bool(sep) and isinstance(header, dict) and header.get("format") == _FORMAT
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        ok = False
-    if not ok:
-        raise CheckpointError(f"{path}: not a {_FORMAT} checkpoint")
-    if len(payload) != header.get("payload_bytes"):
+        restored = manager.restore(step, args=ocp.args.Composite(
+            **{_HEADER_ITEM: ocp.args.JsonRestore()}
+        ))  # fmt: skip
+        header = restored[_HEADER_ITEM]
+    except Exception as err:  # noqa: BLE001 - any failure here means an unusable header
         raise CheckpointError(
-            f"{path}: truncated or corrupt ({len(payload)} payload bytes, header says "
-            f"{header.get('payload_bytes')})"
-        )
-    digest = header.pop("sha256", None)
-    if digest != _digest(header, payload):
-        raise CheckpointError(f"{path}: corrupt or edited (SHA-256 of header and payload differs)")
-    return {**header, "sha256": digest}, payload
+            f"{step_dir}: corrupt or edited header ({type(err).__name__}: {err})"
+        ) from None
+    if not isinstance(header, dict) or header.get("format") != _FORMAT:
+        raise CheckpointError(f"{step_dir}: not a {_FORMAT} checkpoint")
+    if header.get("sha256") != _header_digest(header):
+        raise CheckpointError(f"{step_dir}: corrupt or edited (SHA-256 of the header differs)")
+    return header
 
 
-def _restore(path: Path, header: dict[str, Any], payload: bytes, like):
-    diff = _structure_diff(header.get("structure"), _tree_structure(like))
-    if diff is not None:
-        raise CheckpointError(f"{path}: the model/optimizer structure differs: {diff}")
-    try:
-        return eqx.tree_deserialise_leaves(io.BytesIO(payload), like)
-    except Exception as err:  # noqa: BLE001 - any failure here means an unusable file
-        raise CheckpointError(f"{path}: cannot restore ({type(err).__name__}: {err})") from err
+def _abstract(tree, sharding) -> dict[str, jax.ShapeDtypeStruct]:
+    out = {}
+    for i, (_, v) in enumerate(_array_leaves(tree)):
+        s = jax.eval_shape(_storable, v)
+        out[f"{i:05d}"] = jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding)
+    return out
 
 
-def load_checkpoint(path: StrPath, like) -> tuple[dict[str, Any], Any]:
-    """Read ``(header, tree)`` from a `train` checkpoint; ``like`` is the template tree
-    (``(model, opt_state)`` for `train`'s). Raises `CheckpointError` naming the file if it is
-    malformed, corrupt, edited, or its leaves do not match ``like``."""
+def _fill(like, values: dict[str, Any]):
+    """``like`` with its array leaves replaced by ``values`` (as `_item_arrays` names them)."""
+    arrays, static = eqx.partition(like, eqx.is_array)
+    flat, treedef = jax.tree.flatten(arrays)
+    new = []
+    for i, template in enumerate(flat):
+        v = values[f"{i:05d}"]
+        if _is_key_array(template):
+            v = jax.random.wrap_key_data(v, impl=jax.random.key_impl(template))
+        new.append(v)
+    return eqx.combine(jax.tree.unflatten(treedef, new), static)
+
+
+def _restore_items(manager, step: int, step_dir: Path, header, like: dict[str, Any], sharding):
+    """The items of ``like`` (name -> template or None) restored and hash-checked."""
+    import orbax.checkpoint as ocp
+
+    structure = header.get("structure") or {}
+    for k, tree in like.items():
+        if tree is None:
+            continue
+        diff = _structure_diff(structure.get(k), _tree_structure(tree, k))
+        if diff is not None:
+            raise CheckpointError(f"{step_dir}: the model/optimizer structure differs: {diff}")
+    wanted = {k: t for k, t in like.items() if t is not None and structure[k]}
+    restored = {}
+    if wanted:
+        args = {k: ocp.args.StandardRestore(_abstract(t, sharding)) for k, t in wanted.items()}
+        try:
+            restored = manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as err:  # noqa: BLE001 - any failure here means unusable arrays
+            raise CheckpointError(
+                f"{step_dir}: corrupt or truncated arrays, cannot restore "
+                f"({type(err).__name__}: {str(err)[:300]})"
+            ) from None
+    out = {}
+    for k, tree in like.items():
+        if tree is None:
+            out[k] = None
+            continue
+        value = _fill(tree, restored[k]) if k in wanted else tree
+        if _item_digest(value) != (header.get("digests") or {}).get(k):
+            raise CheckpointError(
+                f"{step_dir}: corrupt or edited (SHA-256 of the {k} arrays differs)"
+            )
+        out[k] = value
+    return out
+
+
+def _state_sharding(mesh):
+    """Where restored state lives: replicated over ``mesh``, or the first local device."""
+    if mesh is not None and _sharding.n_data(_sharding.check_mesh(mesh)) > 1:
+        return _sharding.replicated(mesh)
+    return jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+
+
+def _locate(path: StrPath, step: int | None) -> tuple[Path, int, Any]:
+    """``(step folder, step, read-only manager)`` of a run folder, a ``checkpoints`` folder
+    or a step folder; the latest step unless ``step``."""
     path = Path(path)
-    header, payload = _read_checkpoint(path)
-    return header, _restore(path, header, payload, like)
+    if path.name.isdigit() and (path / _HEADER_ITEM).is_dir():
+        root, step = path.parent, int(path.name) if step is None else step
+    elif (path / CHECKPOINT_NAME).is_dir():
+        root = path / CHECKPOINT_NAME
+    elif path.is_dir() and path.name == CHECKPOINT_NAME:
+        root = path
+    else:
+        legacy = path if path.name == _LEGACY_CHECKPOINT else path / _LEGACY_CHECKPOINT
+        if legacy.is_file():
+            raise CheckpointError(_legacy_message(legacy))
+        what = "is not a folder" if path.exists() else "does not exist"
+        raise CheckpointError(f"{path}: not a checkpoint: {path} {what}")
+    if not root.is_dir():
+        raise CheckpointError(f"{root}: not a checkpoint folder")
+    manager = _manager(root)
+    steps = sorted(manager.all_steps())
+    problem = None
+    if not steps:
+        legacy = root.parent / _LEGACY_CHECKPOINT
+        problem = _legacy_message(legacy) if legacy.is_file() else f"{root}: holds no checkpoint"
+    elif step is not None and int(step) not in steps:
+        problem = f"{root}: no checkpoint of step {step} (steps: {steps})"
+    if problem is not None:
+        manager.close()
+        raise CheckpointError(problem)
+    step = steps[-1] if step is None else int(step)
+    return root / str(step), step, manager
+
+
+def _legacy_message(path: Path) -> str:
+    return (
+        f"{path}: a single-file checkpoint of mtjax before 0.2 (format "
+        f"mtjax.train.checkpoint/2); this version reads orbax checkpoints only: train again "
+        "(overwrite=True / --overwrite)"
+    )
+
+
+def load_checkpoint(
+    path: StrPath,
+    like: tuple[Any, Any] | None = None,
+    *,
+    step: int | None = None,
+    mesh: jax.sharding.Mesh | None = None,
+) -> tuple[dict[str, Any], Any]:
+    """``(header, (model, opt_state))`` of a `train` checkpoint.
+
+    ``path``: a run folder, its ``checkpoints`` folder, or one step folder
+    (``checkpoints/<step>``); the latest step unless ``step``. ``like``: the templates
+    ``(model, opt_state)``; ``(model, None)`` restores the model only (opt_state None);
+    ``None`` reads the checked header only (tree None). ``mesh``: restore the arrays
+    replicated over its devices (default: on the first local device). Raises
+    `CheckpointError` naming the folder if it is malformed, corrupt, edited, or its leaves do
+    not match ``like``. Without a template, see `load_run`.
+    """
+    if like is not None and not (isinstance(like, tuple) and len(like) == 2):
+        raise TypeError("like must be None or a pair (model, opt_state or None)")
+    step_dir, step, manager = _locate(path, step)
+    try:
+        header = _read_header(manager, step, step_dir)
+        if like is None:
+            return header, None
+        items = _restore_items(manager, step, step_dir, header,
+                               dict(zip(_ARRAY_ITEMS, like, strict=True)),
+                               _state_sharding(mesh))  # fmt: skip
+    finally:
+        manager.close()
+    return header, (items["model"], items["opt_state"])
+
+
+class LoadedRun(NamedTuple):
+    """What `load_run` returns: the trained model and its checkpoint's header."""
+
+    model: Any
+    header: dict[str, Any]
+
+
+def _import_builder(name: object) -> Callable[[dict[str, Any]], Any]:
+    """The callable ``"package.module:function"`` names; ``ValueError`` if there is none."""
+    if not isinstance(name, str) or name.count(":") != 1:
+        raise ValueError(f"model_builder must be 'package.module:function', got {name!r}")
+    module, _, attr = name.partition(":")
+    try:
+        fn = importlib.import_module(module)
+        for part in attr.split("."):
+            fn = getattr(fn, part)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"model_builder {name!r} cannot be imported: {err}") from None
+    if not callable(fn):
+        raise ValueError(f"model_builder {name!r} is not callable")
+    return fn
+
+
+def load_run(
+    path: StrPath, *, step: int | None = None, mesh: jax.sharding.Mesh | None = None
+) -> LoadedRun:
+    """The trained model of a run folder, rebuilt without a hand-made template.
+
+    The checkpoint's ``model_builder`` (recorded by `train`; `mtjax.experiments.run`
+    records ``"mtjax.experiments:model_from_run_info"``) is imported and called with the
+    stored ``run_info`` to build the template, which the checkpoint then fills. ``path``,
+    ``step``, ``mesh``: as in `load_checkpoint`. A run trained from a model the caller built
+    has no builder: `CheckpointError` (use ``load_checkpoint(path, (template, None))``).
+    """
+    step_dir, step, manager = _locate(path, step)
+    try:
+        header = _read_header(manager, step, step_dir)
+        name = header.get("model_builder")
+        if name is None:
+            raise CheckpointError(
+                f"{step_dir}: the run recorded no model_builder; build the model template "
+                "yourself and use load_checkpoint(path, (template, None))"
+            )
+        try:
+            template = _import_builder(name)(header.get("run_info"))
+        except ValueError as err:
+            raise CheckpointError(f"{step_dir}: {err}") from None
+        items = _restore_items(manager, step, step_dir, header,
+                               {"model": template, "opt_state": None},
+                               _state_sharding(mesh))  # fmt: skip
+    finally:
+        manager.close()
+    return LoadedRun(items["model"], header)
 
 
 def _check_resumable(
@@ -743,11 +1021,15 @@ class _Session:
 
     def __init__(
         self, model, data, config, *, out, run_info, filter_spec, loss_fn, progress,
-        stop_after_steps,
+        stop_after_steps, mesh, model_builder,
     ):  # fmt: skip
         (self.x, self.y), (self.xt, self.yt) = data
-        self.config, self.run_info, self.loss_fn = config, run_info, loss_fn
+        self.config, self.run_info, self.model_builder = config, run_info, model_builder
         self.progress = progress
+        self.primary = _sharding.is_primary()
+        # devices: one (no placement) or a mesh (batch split on "data", the rest replicated)
+        self.mesh = mesh if _sharding.n_data(mesh) > 1 else None
+        self.state_sharding = _state_sharding(self.mesh)
         self.steps_per_epoch = _data.num_batches(len(self.x), config.batch_size, drop_last=False)
         self.total_steps = config.epochs * self.steps_per_epoch
         self.stop_at = self.total_steps
@@ -760,7 +1042,15 @@ class _Session:
         self.base_key = jax.random.key(config.seed)
         # stochastic models (thermal/read noise) are evaluated with a fixed key per run
         self.eval_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
-        self.ckpt_path = None if out is None else out / CHECKPOINT_NAME
+        self.loss_fn = loss_fn
+        if self.mesh is not None:
+            self.model, self.opt_state, self.base_key, self.loss_fn = _sharding.replicate(
+                (self.model, self.opt_state, self.base_key, loss_fn), self.mesh
+            )
+            self.batch_sharding = _sharding.batch_sharding(self.mesh)
+        self.out = out
+        self.ckpt_root = None if out is None else out / CHECKPOINT_NAME
+        self.manager = None  # opened by open_checkpoints
         self.metrics_path = None if out is None else out / METRICS_NAME
         # state
         self.step = 0
@@ -774,17 +1064,40 @@ class _Session:
     def wall(self) -> float:
         return self.wall_before + (time.perf_counter() - self.t0)
 
+    @property
+    def ckpt_path(self) -> Path | None:
+        """The folder of the last checkpoint written (None before the first)."""
+        return None if self.ckpt_step is None else self.ckpt_root / str(self.ckpt_step)
+
     # ---- setup / resume
 
+    def open_checkpoints(self) -> None:
+        root, legacy = self.ckpt_root, self.out / _LEGACY_CHECKPOINT
+        if root.exists() and not root.is_dir():
+            raise CheckpointError(f"{root}: not a checkpoint folder (a file is in the way)")
+        if legacy.exists() and not root.exists():
+            raise CheckpointError(_legacy_message(legacy))
+        self.manager = _manager(root, self.config)
+
+    def close(self) -> None:
+        """Wait for background checkpoint writes and release the manager."""
+        if self.manager is not None:
+            self.manager.wait_until_finished()
+            self.manager.close()
+            self.manager = None
+
     def resume(self) -> None:
-        """Continue from the checkpoint, if there is one (after checking it defines this run)."""
-        path = self.ckpt_path
-        if not path.exists():
+        """Continue from the latest checkpoint, if any (after checking it defines this run)."""
+        step = self.manager.latest_step()
+        if step is None:
             return
-        header, payload = _read_checkpoint(path)
+        path = self.ckpt_root / str(step)
+        header = _read_header(self.manager, step, path)
         _check_resumable(path, header, self.config, self.run_info, self.fingerprint)
-        model, opt_state = _restore(path, header, payload, (self.model, self.opt_state))
-        self.model, self.opt_state = _own(model), _own(opt_state)
+        items = _restore_items(self.manager, step, path, header,
+                               {"model": self.model, "opt_state": self.opt_state},
+                               self.state_sharding)  # fmt: skip
+        self.model, self.opt_state = items["model"], items["opt_state"]  # fresh arrays
         self.step = self.ckpt_step = int(header["step"])
         self.wall_before = float(header["wall_time"])
         self.sums = {k: header[k] for k in _zero_sums()}
@@ -796,11 +1109,12 @@ class _Session:
 
     def start_metrics(self) -> None:
         """Rewrite the metrics file with the records up to the checkpoint."""
-        _write_metrics(self.metrics_path, self.history)
+        if self.primary:
+            _write_metrics(self.metrics_path, self.history)
 
     def emit(self, record: dict[str, Any]) -> None:
         self.history.append(record)
-        if self.metrics_path is not None:
+        if self.metrics_path is not None and self.primary:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
@@ -838,11 +1152,15 @@ class _Session:
 
     def train_one(self, epoch: int, xb, yb, mb) -> float:
         """One update; its loss. Raises `NonFiniteLossError` (update not applied) if needed."""
-        batch = Batch(xb, yb, mb, np.asarray(self.step, np.uint32), self.base_key, self.loss_fn)
+        step = np.asarray(self.step, np.uint32)
+        if self.mesh is not None:  # this process's shards of the global batch
+            xb, yb, mb = (_sharding.global_array(a, self.batch_sharding) for a in (xb, yb, mb))
+            step = _sharding.global_array(step, self.state_sharding)
+        batch = Batch(xb, yb, mb, step, self.base_key, self.loss_fn)
         out = train_step(batch, self.model, self.opt_state, self.optimizer, self.trainable)
         self.model, self.opt_state = out.model, out.opt_state
         loss, loss_ok, applied = (
-            v.item() for v in jax.device_get((out.loss, out.loss_finite, out.applied))
+            _sharding.to_host(v).item() for v in (out.loss, out.loss_finite, out.applied)
         )
         if not applied:
             self.stop_nonfinite(epoch, loss, loss_ok)
@@ -883,7 +1201,7 @@ class _Session:
 
     def evaluate(self) -> tuple[float, float]:
         return evaluate(self.model, self.xt, self.yt, self.config.eval_batch_size,
-                        key=self.eval_key)  # fmt: skip
+                        key=self.eval_key, mesh=self.mesh)  # fmt: skip
 
     def end_epoch(self, epoch: int) -> float:
         """Evaluate on the test data and write the epoch record; the test accuracy."""
@@ -900,7 +1218,7 @@ class _Session:
     # ---- checkpoint
 
     def checkpoint_due(self) -> bool:
-        if self.ckpt_path is None:
+        if self.manager is None:
             return False
         every = self.config.checkpoint_every
         epoch_end = self.step % self.steps_per_epoch == 0
@@ -915,10 +1233,13 @@ class _Session:
             "step": self.step, "epoch": self.step // spe, "batch_in_epoch": self.step % spe,
             "steps_per_epoch": spe, "total_steps": self.total_steps,
             "config": self.config.to_json(), "run_info": self.run_info,
-            "data_fingerprint": self.fingerprint, "wall_time": self.wall(),
-            "last_eval": last_eval, **self.sums,
+            "model_builder": self.model_builder, "data_fingerprint": self.fingerprint,
+            "wall_time": self.wall(), "last_eval": last_eval, **self.sums,
+            "devices": 1 if self.mesh is None else self.mesh.size,
+            "processes": jax.process_count(), "jax_version": jax.__version__,
         }  # fmt: skip
-        _save_checkpoint(self.ckpt_path, header, (self.model, self.opt_state))
+        trees = {"model": self.model, "opt_state": self.opt_state}
+        _save_checkpoint(self.manager, self.step, header, trees)
         self.ckpt_step = self.step
 
     def result(self) -> TrainResult:
@@ -954,13 +1275,15 @@ def train(
     progress: bool = True,
     stop_after_steps: int | None = None,
     loss_fn=cross_entropy,
+    mesh: jax.sharding.Mesh | None = None,
+    model_builder: str | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data = (x, y)``; evaluate on ``test_data`` each epoch.
 
     ``out_dir``: the run folder (see the module doc), claimed with `run_folder` for the whole
     call. A folder that already holds files is refused (`RunFolderError`) unless
-    ``resume`` (continue from ``out_dir/checkpoint.eqx`` if it exists, fresh otherwise) or
-    ``overwrite`` (delete the checkpoint and metrics there, then start fresh).
+    ``resume`` (continue from its latest checkpoint if there is one, fresh otherwise) or
+    ``overwrite`` (delete the checkpoints and metrics there, then start fresh).
     ``run_info``: a JSON-able dict describing everything else that defines the run (device
     settings, model sizes, ...; `mtjax.experiments.run` passes its `RunSpec`), stored in the
     checkpoint and compared key by key on resume.
@@ -972,6 +1295,12 @@ def train(
     ``loss_fn(logits, x, y) -> per-example loss``: the training objective (default
     `cross_entropy`; `mtjax.distill.DistillationLoss` for KD); it may be an Equinox module
     holding arrays (a frozen teacher), which are never trained. Test metrics stay cross-entropy.
+    ``mesh``: a `jax.sharding.Mesh` with a ``"data"`` axis to train data-parallel on
+    (`mtjax.sharding.data_mesh`); default: all devices when there are several
+    (`mtjax.sharding.default_mesh`), one device otherwise; ``data_mesh(1)`` forces one.
+    ``config.batch_size`` must be a multiple of the data-axis size.
+    ``model_builder``: ``"package.module:function"`` that rebuilds an untrained ``model``
+    from ``run_info``; stored in the checkpoint so that `load_run` needs only the folder.
     """
     if not isinstance(config, TrainConfig):
         raise TypeError(f"config must be a TrainConfig, got {type(config).__name__}")
@@ -983,21 +1312,45 @@ def train(
     if resume and overwrite:
         raise ValueError("resume and overwrite exclude each other")
     run_info = _normal_run_info(run_info)
+    if model_builder is not None:
+        _import_builder(model_builder)
+    mesh = _sharding.default_mesh() if mesh is None else _sharding.check_mesh(mesh)
+    n_dev = _sharding.n_data(mesh)
+    if config.batch_size % n_dev:
+        raise ValueError(
+            f"TrainConfig.batch_size {config.batch_size} is not a multiple of the {n_dev} "
+            f"devices of the data axis; use a batch size divisible by {n_dev} or fewer "
+            "devices (mesh=mtjax.sharding.data_mesh(n))"
+        )
+    if _sharding.multi_process() and n_dev < jax.device_count():
+        raise ValueError(
+            f"mesh: a multi-host run must use all {jax.device_count()} devices, got {n_dev}"
+        )
     kwargs = dict(run_info=run_info, filter_spec=filter_spec, loss_fn=loss_fn,
-                  progress=progress, stop_after_steps=stop_after_steps)  # fmt: skip
+                  progress=progress, stop_after_steps=stop_after_steps, mesh=mesh,
+                  model_builder=model_builder)  # fmt: skip
     if out_dir is None:
         session = _Session(model, data, config, out=None, **kwargs)
         session.run()
         return session.result()
     with run_folder(out_dir, resume=resume, overwrite=overwrite) as out:
         session = _Session(model, data, config, out=out, **kwargs)
-        if overwrite:
-            for name in _RUN_FILES:  # the checkpoint first: never a stale one to resume
-                (out / name).unlink(missing_ok=True)
-        if resume:
-            session.resume()
-        session.start_metrics()
-        session.run()
+        if overwrite and session.primary:
+            for name in _RUN_FILES:  # the checkpoints first: never a stale one to resume
+                path = out / name
+                if path.is_dir():
+                    shutil.rmtree(path)
+                else:
+                    path.unlink(missing_ok=True)
+        _sharding.sync(f"mtjax.train.start:{out}")
+        try:
+            session.open_checkpoints()
+            if resume:
+                session.resume()
+            session.start_metrics()
+            session.run()
+        finally:
+            session.close()
         return session.result()
 
 

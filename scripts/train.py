@@ -5,6 +5,12 @@ forward from the paper device's response table, device m_z^2 derivative), same s
 both accuracies and the gap and writes results.json, metrics and training curves to --out.
 An existing non-empty --out is refused unless --resume (continue: every setting must match
 the checkpoints) or --overwrite (start again); a second run on the same --out is refused.
+
+--devices all (default) trains data-parallel over every JAX device (GPUs, TPU cores, or CPU
+devices exposed with XLA_FLAGS=--xla_force_host_platform_device_count=N); --devices N uses
+the first N. Multi-host: start one process per host with JAX_COORDINATOR_ADDRESS=host0:port,
+JAX_NUM_PROCESSES and JAX_PROCESS_ID set (or under Slurm / Open MPI) and the same flags; the
+--out folder must be shared (see README, "GPU/TPU").
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ import time
 from pathlib import Path
 
 from mtjax import experiments
+from mtjax import sharding as _sharding
 from mtjax.data import DataFormatError, DatasetNotFoundError
 from mtjax.fileio import atomic_write_json
 from mtjax.nn.activation import DERIVATIVES, MODES
@@ -51,6 +58,18 @@ def _seed(text: str) -> int:
     return value
 
 
+def _devices(text: str) -> int | str:
+    if text == "all":
+        return text
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected 'all' or a count >= 1, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected 'all' or a count >= 1, got {text!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -81,6 +100,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--read-noise", type=_nonneg, default=0.0, help="std, normalized signal")
     ap.add_argument("--temperature", type=_nonneg, default=0.0, help="K; > 0 implies --mode sde")
     ap.add_argument("--train-subset", type=_positive_int, default=None)
+    ap.add_argument(
+        "--devices", type=_devices, default="all",
+        help="'all' (default) or N: data-parallel over all / the first N JAX devices; "
+        "--batch-size must be a multiple of the count",
+    )  # fmt: skip
     ap.add_argument("--out", default=None, help="output folder (default runs/<timestamp>)")
     ap.add_argument("--resume", action="store_true", help="continue the runs in --out")
     ap.add_argument("--overwrite", action="store_true", help="start again in a used --out")
@@ -124,21 +148,41 @@ def _check_out(ap: argparse.ArgumentParser, out: Path, reuse: bool) -> None:
 
 
 def main(argv=None) -> dict:
+    try:  # multi-host: before anything starts JAX
+        _sharding.initialize_distributed()
+    except ValueError as err:
+        print(f"train.py: error: {err}", file=sys.stderr)
+        raise SystemExit(2) from None
     args = parse_args(argv)
     out = Path(args.out)
     try:
+        mesh = _sharding.data_mesh(args.devices)
+    except ValueError as err:
+        print(f"train.py: error: --{err}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.batch_size % mesh.size:
+        print(
+            f"train.py: error: --batch-size {args.batch_size} must be a multiple of the "
+            f"{mesh.size} devices (--devices)",
+            file=sys.stderr,
+        )
+        raise SystemExit(2)
+    try:
         with run_folder(out, resume=args.resume, overwrite=args.overwrite):
-            if args.overwrite:
+            if args.overwrite and _sharding.is_primary():
                 for name in ("results.json", "training_curves.png"):
                     (out / name).unlink(missing_ok=True)
-            return run_all(args, out)
+            return run_all(args, out, mesh)
     except (RunFolderError, CheckpointError, DatasetNotFoundError, DataFormatError) as err:
         print(f"train.py: error: {err}", file=sys.stderr)
         raise SystemExit(2) from None
 
 
-def run_all(args: argparse.Namespace, out: Path) -> dict:
-    """Train the activations of ``args`` in ``out/<kind>``; write results.json; the report."""
+def run_all(args: argparse.Namespace, out: Path, mesh=None) -> dict:
+    """Train the activations of ``args`` in ``out/<kind>`` on ``mesh``; write results.json
+    (process 0 of a multi-host run writes the files and prints); the report."""
+    primary = _sharding.is_primary()
+    say = print if primary else (lambda *a, **k: None)
     train_data, test_data = experiments.load_arrays(
         args.dataset, data_dir=args.data_dir, train_subset=args.train_subset,
         download=args.download,
@@ -155,19 +199,23 @@ def run_all(args: argparse.Namespace, out: Path) -> dict:
         spec = dataclasses.replace(base, activation=kind)
         summary, res = experiments.run(
             spec, train_data, test_data, out_dir=out / kind, resume=args.resume,
-            overwrite=args.overwrite, progress=not args.no_progress,
+            overwrite=args.overwrite, progress=primary and not args.no_progress,
+            mesh=mesh,
         )  # fmt: skip
+        summary["devices"] = mesh.size
         results[kind], histories[kind] = summary, res.history
-        plot_history(res.history, out / kind / "training_curves.png")
-        print(f"{kind}: test accuracy {100 * summary['test_accuracy']:.2f} %", flush=True)
+        if primary:
+            plot_history(res.history, out / kind / "training_curves.png")
+        say(f"{kind}: test accuracy {100 * summary['test_accuracy']:.2f} %", flush=True)
     report = {"results": results}
     if len(kinds) == 2:
         gap = results["tanh"]["test_accuracy"] - results["mtj"]["test_accuracy"]
         report["gap_pp"] = 100 * gap
-        print(f"gap (software - MTJ): {100 * gap:+.2f} percentage points")
-    experiments.plot_curves(histories, out / "training_curves.png")
-    atomic_write_json(out / "results.json", report)
-    print(f"wrote {out / 'results.json'}")
+        say(f"gap (software - MTJ): {100 * gap:+.2f} percentage points")
+    if primary:
+        experiments.plot_curves(histories, out / "training_curves.png")
+        atomic_write_json(out / "results.json", report)
+        say(f"wrote {out / 'results.json'}")
     return report
 
 

@@ -87,7 +87,7 @@ def test_learns_writes_metrics_checkpoint_and_plot(tmp_path):
     res = run(tmp_path, cfg, model=model)
     assert res.completed and res.step == res.total_steps == 24
     assert res.test_accuracy > 0.9, res.test_accuracy
-    assert res.wall_time > 0 and res.checkpoint_path == tmp_path / train.CHECKPOINT_NAME
+    assert res.wall_time > 0 and res.checkpoint_path == tmp_path / train.CHECKPOINT_NAME / "24"
     # The caller's model was copied, not donated, and the frozen leaf did not move.
     assert float(model.gain) == 1.5 and float(res.model.gain) == 1.5
     assert not np.array_equal(leaves(model)[0], leaves(res.model)[0])
@@ -107,20 +107,21 @@ def test_learns_writes_metrics_checkpoint_and_plot(tmp_path):
         cosine = 1e-2 * 0.5 * (1 + np.cos(np.pi * (r["step"] - 1) / 24))
         assert r["lr"] == pytest.approx(cosine, rel=1e-5, abs=1e-9)
 
-    header, (m2, _) = train.load_checkpoint(
-        res.checkpoint_path, (make_net(), res.opt_state)
+    header, (m2, o2) = train.load_checkpoint(
+        tmp_path, (make_net(), res.opt_state)
     )  # checkpoint_every=None: saved at each epoch end, so this is the final state
     assert header["step"] == 24 and header["epoch"] == 3 and header["config"]["lr"] == 0.01
     assert_tree_equal(m2, res.model)
-    side = json.loads((tmp_path / train.SIDECAR_NAME).read_text())
-    assert side["sha256"] == header["sha256"] and side["step"] == 24 and "structure" not in side
-    assert ["[0].mlp.layers[0].weight", [32, 64], "float32"] in header["structure"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == [
-        ".lock",
-        "checkpoint.eqx",
-        "checkpoint.json",
-        "metrics.jsonl",
-    ]
+    assert_tree_equal(o2, res.opt_state)
+    assert ["model.mlp.layers[0].weight", [32, 64], "float32"] in header["structure"]["model"]
+    assert header["model_builder"] is None and header["devices"] == 1
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".lock", "checkpoints", "metrics.jsonl"]
+    # epoch ends 8, 16, 24 were saved; keep_checkpoints=2 keeps the last two
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["16", "24"]
+    older, (m16, _) = train.load_checkpoint(tmp_path, (make_net(), None), step=16)
+    assert older["step"] == 16 and not np.array_equal(leaves(m16)[0], leaves(m2)[0])
+    with pytest.raises(train.CheckpointError, match=r"no checkpoint of step 8 \(steps: \[16, 24"):
+        train.load_checkpoint(tmp_path, step=8)
 
     png = train.accuracy_curve_png(tmp_path / "metrics.jsonl", tmp_path / "plots" / "acc.png")
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -161,7 +162,7 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path):
     # Interrupted at step 11 (epoch 2, batch 3 of 8; checkpoint_every=5 also saved step 10).
     b1 = run(tmp_path / "b", stop_after_steps=11)
     assert not b1.completed and b1.step == 11
-    header = json.loads((tmp_path / "b" / train.SIDECAR_NAME).read_text())
+    header, _ = train.load_checkpoint(tmp_path / "b")
     assert (header["step"], header["epoch"], header["batch_in_epoch"]) == (11, 1, 3)
     # Metrics written after the checkpoint (here, none) are dropped on resume; fake one.
     with open(tmp_path / "b" / "metrics.jsonl", "a") as f:
@@ -231,10 +232,10 @@ def test_public_train_step_is_the_step_train_runs():
 def test_existing_run_is_refused_unless_resume_or_overwrite(tmp_path):
     out = tmp_path / "run"
     first = run(out, stop_after_steps=5)
-    before = {p.name: p.read_bytes() for p in out.iterdir()}
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
     with pytest.raises(train.RunFolderError, match=f"run folder {out} is not empty"):
         run(out)
-    assert {p.name: p.read_bytes() for p in out.iterdir()} == before  # nothing touched
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # untouched
     # a folder holding any other file is refused too
     (tmp_path / "other").mkdir()
     (tmp_path / "other" / "notes.txt").write_text("mine")
@@ -258,7 +259,8 @@ def test_run_folder_lock(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", (
             "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('locked', flush=True); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, b'4242'); "
+            "print('locked', flush=True); "
             "sys.stdin.read()"
         ), str(out / train.LOCK_NAME)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
@@ -336,41 +338,101 @@ def test_resume_refuses_other_model_structure(tmp_path):
     run(out, stop_after_steps=2)
     with pytest.raises(
         train.CheckpointError,
-        match=r"structure differs: leaf \[0\].mlp.layers\[0\].weight: checkpoint "
+        match=r"structure differs: leaf model.mlp.layers\[0\].weight: checkpoint "
         r"float32\[32, 64\], now float32\[16, 64\]",
     ):
         run(out, model=make_net(width=16), resume=True)
     opt_state = run(stop_after_steps=0).opt_state
     half = eqx.tree_at(lambda m: m.gain, make_net(), jnp.array(1.5, jnp.float16))
     with pytest.raises(
-        train.CheckpointError, match=r"leaf \[0\].gain: checkpoint float32\[\], now float16\[\]"
+        train.CheckpointError, match=r"leaf model.gain: checkpoint float32\[\], now float16\[\]"
     ):
         train.load_checkpoint(out / train.CHECKPOINT_NAME, (half, opt_state))
-    with pytest.raises(train.CheckpointError, match=r"leaf \[1\]\[0\].count .* is not in the"):
-        train.load_checkpoint(out / train.CHECKPOINT_NAME, (make_net(), None))
+    with pytest.raises(
+        train.CheckpointError, match=r"checkpoint leaf opt_state\[0\].count .* is not in the"
+    ):
+        train.load_checkpoint(out / train.CHECKPOINT_NAME, (make_net(), ()))
 
 
+# orbax's readers of a damaged file are abandoned mid-read: "coroutine ignored GeneratorExit"
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 def test_edited_or_damaged_checkpoint_is_refused(tmp_path):
     out = tmp_path / "run"
     run(out, stop_after_steps=5)
-    path = out / train.CHECKPOINT_NAME
-    good = path.read_bytes()
-    head, payload = good.split(b"\n", 1)
-    edited = head.replace(b'"step": 5', b'"step": 6')
-    assert edited != head
-    path.write_bytes(edited + b"\n" + payload)
-    with pytest.raises(train.CheckpointError, match=f"{path}: corrupt or edited"):
+    step = out / train.CHECKPOINT_NAME / "5"
+    # the JSON header (orbax item "mtjax") and the biggest array file of the model
+    (head,) = [p for p in (step / "mtjax").iterdir() if p.read_bytes().startswith(b"{")]
+    files = [p for p in (step / "model").rglob("*") if p.is_file()]
+    blob = max(files, key=lambda p: p.stat().st_size)
+    good_head, good_blob = head.read_bytes(), blob.read_bytes()
+    edited = good_head.replace(b'"step": 5', b'"step": 6')
+    assert edited != good_head
+    head.write_bytes(edited)
+    with pytest.raises(train.CheckpointError, match=f"{step}: corrupt or edited"):
         run(out, resume=True)
-    flipped = bytearray(good)
-    flipped[-3] ^= 1
-    path.write_bytes(bytes(flipped))
-    with pytest.raises(train.CheckpointError, match=f"{path}: corrupt or edited"):
+    head.write_bytes(good_head.replace(b'"lr": 0.01', b'"lr": 0.02'))  # no longer this run
+    with pytest.raises(train.CheckpointError, match=f"{step}: corrupt or edited"):
         run(out, resume=True)
-    path.write_bytes(good[:-10])
-    with pytest.raises(train.CheckpointError, match=f"{path}: truncated"):
+    head.write_bytes(good_head[:-20])
+    with pytest.raises(train.CheckpointError, match=f"{step}: corrupt or edited header"):
         run(out, resume=True)
-    path.write_bytes(good)
+    head.write_bytes(good_head)
+    half = len(good_blob) // 2  # (orbax does not read every byte of a file: some are spare)
+    flipped = good_blob[:half] + bytes([good_blob[half] ^ 1]) + good_blob[half + 1 :]
+    for damaged in (good_blob[:half], flipped):
+        blob.write_bytes(damaged)
+        with pytest.raises(train.CheckpointError, match=f"{step}: corrupt or"):
+            run(out, resume=True)
+        with pytest.raises(train.CheckpointError, match=f"{step}: corrupt or"):
+            train.load_checkpoint(out, (make_net(), None))
+    blob.write_bytes(good_blob)
     assert run(out, resume=True).completed
+
+
+def test_legacy_single_file_checkpoint_is_refused(tmp_path):
+    (tmp_path / "checkpoint.eqx").write_bytes(b'{"format": "mtjax.train.checkpoint/2"}\n')
+    message = "checkpoint.eqx: a single-file checkpoint of mtjax before 0.2"
+    with pytest.raises(train.CheckpointError, match=message):
+        run(tmp_path, resume=True)
+    with pytest.raises(train.CheckpointError, match=message):
+        train.load_checkpoint(tmp_path)
+    assert run(tmp_path, overwrite=True, stop_after_steps=1).step == 1
+    assert not (tmp_path / "checkpoint.eqx").exists()
+
+
+def test_async_checkpoints_resume_bit_identical(tmp_path):
+    cfg = train.TrainConfig(**{**CFG.__dict__, "async_checkpoints": True, "keep_checkpoints": 1})
+    a = run(cfg=CFG)
+    b1 = run(tmp_path, cfg=cfg, stop_after_steps=11)
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["11"]
+    b = run(tmp_path, resume=True)  # async and keep_checkpoints may change on resume
+    assert b1.step == 11 and b.completed
+    assert_tree_equal(a.model, b.model)
+    assert_tree_equal(a.opt_state, b.opt_state)
+
+
+def test_load_run_rebuilds_the_model(tmp_path):
+    from mtjax import experiments
+
+    x, y = TRAIN
+    flat = (x.reshape(len(x), -1), y)
+    test = (TEST[0].reshape(len(TEST[0]), -1), TEST[1])
+    spec = experiments.RunSpec(
+        sizes=(64, 16, 10), activation="mtj", epochs=1, batch_size=64, lr=1e-2, seed=5
+    )
+    _, res = experiments.run(spec, flat, test, out_dir=tmp_path / "mtj", progress=False)
+    model, header = train.load_run(tmp_path / "mtj")
+    assert header["model_builder"] == experiments.MODEL_BUILDER and header["step"] == 4
+    assert_tree_equal(model, res.model)
+    assert jax.tree.structure(model) == jax.tree.structure(res.model)  # static parts too
+    logits = jax.vmap(model)(jnp.asarray(test[0][:8]))
+    assert np.array_equal(logits, jax.vmap(res.model)(jnp.asarray(test[0][:8])))
+    # a run of a model the caller built has no builder
+    run(tmp_path / "plain", stop_after_steps=1)
+    with pytest.raises(train.CheckpointError, match="recorded no model_builder"):
+        train.load_run(tmp_path / "plain")
+    with pytest.raises(ValueError, match="model_builder 'nowhere:f' cannot be imported"):
+        run(tmp_path / "x", model_builder="nowhere:f")
 
 
 def test_torn_last_metrics_line_is_ignored(tmp_path):
@@ -428,6 +490,8 @@ def test_other_optimizers():
         ("eval_batch_size", 0),
         ("checkpoint_every", 0),
         ("log_every", 0),
+        ("keep_checkpoints", 0),
+        ("async_checkpoints", "yes"),
         ("schedule", "linear"),
         ("optimizer", "rmsprop"),
         ("optimizer", 3),
@@ -459,8 +523,15 @@ def test_argument_validation(tmp_path):
     with pytest.raises(TypeError, match="TrainConfig"):
         train.train(make_net(), TRAIN, TEST, {"epochs": 1}, progress=False)
     (tmp_path / train.CHECKPOINT_NAME).write_bytes(b"garbage\n")
-    with pytest.raises(train.CheckpointError, match=f"{tmp_path}.*: not a"):
+    with pytest.raises(train.CheckpointError, match=f"{tmp_path}.*: not a checkpoint folder"):
         train.train(make_net(), TRAIN, TEST, CFG, out_dir=tmp_path, resume=True, progress=False)
+    with pytest.raises(train.CheckpointError, match=f"{tmp_path / 'nowhere'}: not a checkpoint"):
+        train.load_checkpoint(tmp_path / "nowhere")
+    with pytest.raises(TypeError, match="mesh must be a jax.sharding.Mesh"):
+        train.train(make_net(), TRAIN, TEST, CFG, mesh="all", progress=False)
+    with pytest.raises(ValueError, match="mesh: needs an axis named 'data'"):
+        mesh = jax.sharding.Mesh(np.array(jax.devices()[:1]), ("batch",))
+        train.train(make_net(), TRAIN, TEST, CFG, mesh=mesh, progress=False)
 
 
 # --------------------------------------------------------------------------- real data
