@@ -2,8 +2,9 @@
 
 The batch is laid out as (3, n) (device axis last), so XLA fuses a whole RK4/Heun step
 into one vectorized loop; trajectories run in chunks of `chunk_size` (`lax.map`), and
-chunks are spread over all local devices when there are several (GPUs, or CPU cores
-exposed with XLA_FLAGS=--xla_force_host_platform_device_count=N).
+chunks are spread with `jax.shard_map` over the mesh of the inputs when they are sharded
+(`mtjax.sharding.shard_batch`), else over all local devices when there are several (GPUs,
+or CPU devices exposed with XLA_FLAGS=--xla_force_host_platform_device_count=N).
 """
 
 from __future__ import annotations
@@ -12,13 +13,14 @@ import equinox as eqx
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from mtjax.constants import TIME_UNIT
 from mtjax.integrators import SCAN_SOLVERS, scan_solve, steps_for, too_coarse
 from mtjax.params import DeviceParams
 from mtjax.physics import rotation_rate_bound, torque_coefficients
+from mtjax.sharding import DATA_AXIS
 from mtjax.solve import DEFAULT_STEPS, drift_ns, initial_state, noise_ns
 
 
@@ -94,8 +96,10 @@ def pulse_ensemble(
         )  # fmt: skip
         return ms[-1].T
 
-    devices = jax.local_devices()
-    n_dev = len(devices) if n >= 2 * len(devices) else 1
+    mesh = _input_mesh(params, currents)
+    if mesh is None:  # axis named like mtjax.sharding.data_mesh's, so meshes agree under jit
+        mesh = Mesh(np.asarray(jax.local_devices()), (DATA_AXIS,))
+    n_dev = mesh.size if n >= 2 * mesh.size else 1
     chunk = int(min(chunk_size, -(-n // n_dev)))
     n_chunks = -(-n // (chunk * n_dev)) * n_dev
     pad = n_chunks * chunk - n
@@ -107,8 +111,7 @@ def pulse_ensemble(
     xs = jax.tree.map(to_chunks, per_traj)
     run_all = lambda xs: jax.lax.map(run_chunk, xs)
     if n_dev > 1:
-        mesh = Mesh(np.array(devices), ("d",))
-        spec = PartitionSpec("d")
+        spec = PartitionSpec(mesh.axis_names)  # chunks split over every mesh axis
         run_all = jax.shard_map(run_all, mesh=mesh, in_specs=spec, out_specs=spec, check_vma=False)
     out = run_all(xs).reshape(n_chunks * chunk, 3)[:n]
     bad = ~jnp.all(jnp.isfinite(currents)) | ~jnp.all(jnp.isfinite(out))
@@ -116,6 +119,17 @@ def pulse_ensemble(
     if coarse is not None:
         out = eqx.error_if(out, coarse, "pulse_ensemble: too few steps for some trajectory")
     return out
+
+
+def _input_mesh(*trees) -> Mesh | None:
+    """The mesh of the first concrete input array sharded over several devices, if any."""
+    for leaf in jax.tree.leaves(trees):
+        if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array):
+            continue
+        s = leaf.sharding
+        if isinstance(s, NamedSharding) and s.mesh.size > 1:
+            return s.mesh
+    return None
 
 
 def _choose_steps(params: DeviceParams, currents, solver: str, steps: int | None):
