@@ -2,9 +2,10 @@
 
 The batch is laid out as (3, n) (device axis last), so XLA fuses a whole RK4/Heun step
 into one vectorized loop; trajectories run in chunks of `chunk_size` (`lax.map`), and
-chunks are spread with `jax.shard_map` over the mesh of the inputs when they are sharded
-(`mtjax.sharding.shard_batch`), else over all local devices when there are several (GPUs,
-or CPU devices exposed with XLA_FLAGS=--xla_force_host_platform_device_count=N).
+chunks are spread with `jax.shard_map` over the mesh of the inputs when they carry a
+`NamedSharding` (`mtjax.sharding.shard_batch`; a 1-device mesh keeps them on that device),
+else over all local devices when there are several (GPUs, or CPU devices exposed with
+XLA_FLAGS=--xla_force_host_platform_device_count=N).
 """
 
 from __future__ import annotations
@@ -41,7 +42,8 @@ def pulse_ensemble(
     solver="heun_scan")`), so results do not depend on `chunk_size` or device count.
     Default solver `"rk4_scan"`, `"heun_scan"` when thermal. `steps`: fixed steps for every
     trajectory; default chosen from the dynamics (at least 1000) like `pulse_response`, and a
-    count too small for some trajectory raises. Forward only; jit-compatible.
+    count too small for some trajectory raises. Forward only; jit-compatible. Devices: the
+    mesh of inputs placed with `mtjax.sharding.shard_batch`, else all local devices.
     """
     dtype = jnp.result_type(float)
     currents = jnp.asarray(currents, dtype=dtype)
@@ -122,13 +124,12 @@ def pulse_ensemble(
 
 
 def _input_mesh(*trees) -> Mesh | None:
-    """The mesh of the first concrete input array sharded over several devices, if any."""
+    """The mesh of the first concrete input array with a `NamedSharding`, if any."""
     for leaf in jax.tree.leaves(trees):
         if isinstance(leaf, jax.core.Tracer) or not isinstance(leaf, jax.Array):
             continue
-        s = leaf.sharding
-        if isinstance(s, NamedSharding) and s.mesh.size > 1:
-            return s.mesh
+        if isinstance(leaf.sharding, NamedSharding):
+            return leaf.sharding.mesh
     return None
 
 
