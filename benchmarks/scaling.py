@@ -165,6 +165,7 @@ def main(argv=None) -> dict:
         print(json.dumps(measure(args.worker, args)))
         return {}
     backend = jax.default_backend()
+    load_before = os.getloadavg()
     rows = []
     if backend == "cpu":  # fresh process per count: the flag is read when JAX starts
         for n in args.devices:
@@ -209,6 +210,7 @@ def main(argv=None) -> dict:
             "cpu_note": "on CPU, N forced host devices share cpu_count cores"
             if backend == "cpu"
             else None,
+            "load_average_1min_before_after": [load_before[0], os.getloadavg()[0]],
         },
     }
     text = json.dumps(report, indent=2)

@@ -1,10 +1,22 @@
 """mtjax: differentiable physics of dual-polarizer magnetic tunnel junction neurons in JAX.
 
-Layers (imports point down): constants/params/variation -> physics -> integrators/solve/ensemble
--> readout/analytic -> nn -> data/train/distill -> plot/experiments/paper -> scripts.
+Layers (imports point down): constants/params/variation/sharding -> physics ->
+integrators/solve/ensemble -> readout/analytic -> nn -> data/train/distill ->
+plot/experiments/paper -> scripts.
 """
 
-from mtjax import constants, data, distill, nn, physics, plot, readout, train, variation
+from mtjax import (
+    constants,
+    data,
+    distill,
+    nn,
+    physics,
+    plot,
+    readout,
+    sharding,
+    train,
+    variation,
+)
 from mtjax.analytic import analytic_response, current_scale, pulse_angles
 from mtjax.ensemble import pulse_ensemble
 from mtjax.params import DeviceParams
@@ -28,6 +40,7 @@ __all__ = [
     "pulse_response",
     "readout",
     "sample_devices",
+    "sharding",
     "simulate",
     "train",
     "variation",

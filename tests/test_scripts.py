@@ -7,9 +7,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
 import pytest
 
-from mtjax import train
+from mtjax import experiments, train
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -32,6 +33,13 @@ def test_train_script_both_activations(tmp_path, capsys):
     assert saved["results"]["mtj"]["spec"]["mode"] == "table"
     assert abs(saved["gap_pp"]) < 1.0
     assert (out / "training_curves.png").exists()
+    # the trained MTJ network comes back from its folder alone, with the reported accuracy
+    loaded = train.load_run(out / "mtj")
+    assert loaded.header["run_info"]["activation"] == "mtj" and loaded.header["step"] == 24
+    _, test = experiments.load_arrays("fashion_mnist", train_subset=1)
+    eval_key = jax.random.fold_in(jax.random.key(0), 2**31 - 1)  # train's evaluation key
+    _, acc = train.evaluate(loaded.model, *test, 1000, key=eval_key)
+    assert acc == pytest.approx(saved["results"]["mtj"]["test_accuracy"], abs=1e-12)
     # resuming a finished run changes nothing
     again = main([*argv, "--resume"])
     assert again["gap_pp"] == pytest.approx(report["gap_pp"])

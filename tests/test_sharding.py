@@ -94,11 +94,11 @@ def test_initialize_distributed_reads_the_environment():
     assert sharding.initialize_distributed({"SLURM_NTASKS": "1"}) is False
 
 
-def test_train_script_devices_flag(capsys):
+def test_train_script_devices_flag(tmp_path, capsys):
     main = runpy.run_path(str(ROOT / "scripts" / "train.py"))["main"]
     for flag, message in (("0", "expected 'all' or a count >= 1"), ("2", "2 requested but 1")):
         with pytest.raises(SystemExit) as exit_:
-            main(["--devices", flag, "--out", "/nonexistent/x"])
+            main(["--devices", flag, "--out", str(tmp_path / "run")])
         assert exit_.value.code == 2 and message in capsys.readouterr().err
 
 
