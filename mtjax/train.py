@@ -327,7 +327,8 @@ class TrainResult:
     """What `train` returns.
 
     ``test_loss``/``test_accuracy`` are for the returned model; ``wall_time`` is seconds of
-    training summed over resumed sessions; ``completed`` is False after ``stop_after_steps``.
+    training summed over resumed sessions; ``completed`` is False after ``stop_after_steps``;
+    ``checkpoint_path`` is the folder of the last checkpoint (``<out_dir>/checkpoints/<step>``).
     """
 
     model: Any
@@ -859,8 +860,8 @@ def _locate(path: StrPath, step: int | None) -> tuple[Path, int, Any]:
 
 def _legacy_message(path: Path) -> str:
     return (
-        f"{path}: a single-file checkpoint of mtjax before 0.2 (format "
-        f"mtjax.train.checkpoint/2); this version reads orbax checkpoints only: train again "
+        f"{path}: a single-file checkpoint of an earlier mtjax (format "
+        "mtjax.train.checkpoint/2); this version reads orbax checkpoints only: train again "
         "(overwrite=True / --overwrite)"
     )
 
