@@ -9,7 +9,7 @@ from mtjax.analytic import analytic_response, current_scale, pulse_angles
 from mtjax.ensemble import pulse_ensemble
 from mtjax.params import DeviceParams
 from mtjax.solve import Trajectory, pulse_response, simulate
-from mtjax.variation import Spreads, sample_devices
+from mtjax.variation import Spreads, sample_devices, sample_reset_states
 
 __all__ = [
     "DeviceParams",
@@ -28,6 +28,7 @@ __all__ = [
     "pulse_response",
     "readout",
     "sample_devices",
+    "sample_reset_states",
     "simulate",
     "train",
     "variation",

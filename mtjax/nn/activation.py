@@ -68,7 +68,7 @@ from mtjax.physics import (
     unit,
 )
 from mtjax.readout import mean_conductance, projection_from_conductance
-from mtjax.solve import SOLVERS, pulse_response
+from mtjax.solve import M_UP, SOLVERS, pulse_response
 
 MODES = ("ode", "sde", "table", "analytic", "ideal")
 DERIVATIVES = ("mz2", "mz", "autodiff")
@@ -183,6 +183,35 @@ class ResponseTable(eqx.Module):
     grid: TableGrid
 
 
+def _reset_states(params: DeviceParams, m0, mode: str):
+    """(params, m0): m0 as unit vectors, (3,) shared or (n, 3) with params broadcast to n."""
+    if m0 is None:
+        m0 = jnp.asarray(M_UP, dtype=jnp.result_type(float))
+        return params, (
+            m0 if params.batch_shape == () else jnp.broadcast_to(m0, (*params.batch_shape, 3))
+        )
+    m0 = jnp.asarray(m0, dtype=jnp.result_type(float))
+    if m0.ndim not in (1, 2) or m0.shape[-1] != 3:
+        raise ValueError(f"m0: expected shape (3,) or (n, 3), got {m0.shape}")
+    traced = isinstance(m0, jax.core.Tracer)
+    if mode in ("analytic", "ideal") and (traced or not np.allclose(np.asarray(m0), M_UP)):
+        raise ValueError(f"m0: mode={mode!r} assumes the reset state +z")
+    norm = jnp.linalg.norm(m0, axis=-1, keepdims=True)
+    if not traced:
+        if not (np.all(np.isfinite(np.asarray(m0))) and np.all(np.asarray(norm) > 0)):
+            raise ValueError("m0: must hold finite non-zero vectors")
+    m0 = m0 / norm
+    if m0.ndim == 2:
+        n = m0.shape[0]
+        if params.batch_shape == ():
+            params = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), params)
+        elif params.batch_shape != (n,):
+            raise ValueError(f"m0: {n} reset states for a batch of {params.batch_shape} devices")
+    elif params.batch_shape:
+        m0 = jnp.broadcast_to(m0, (*params.batch_shape, 3))
+    return params, m0
+
+
 def _check_mode_args(mode, derivative, solver, steps, n_grid, z_max, read_noise):
     if mode not in MODES:
         raise ValueError(f"mode: unknown {mode!r}; choose from {MODES}")
@@ -234,11 +263,12 @@ def pulse_steps(
     return int(steps)
 
 
-def _pulse(params: DeviceParams, current, key, solver: str, steps: int):
-    """m.p1, m.p2 after one pulse of one device."""
+def _pulse(params: DeviceParams, current, key, solver: str, steps: int, m0=None):
+    """m.p1, m.p2 after one pulse of one device from `m0` (default +z)."""
     m = pulse_response(
-        params, current, key=key, solver=solver, steps=None if solver == "tsit5" else steps
-    )
+        params, current, m0=m0, key=key, solver=solver,
+        steps=None if solver == "tsit5" else steps,
+    )  # fmt: skip
     return jnp.stack([jnp.dot(m, unit(params.p1)), jnp.dot(m, unit(params.p2))])
 
 
@@ -251,30 +281,33 @@ def build_table(
     solver: str = "rk4_scan",
     steps: int | None = None,
     grid: TableGrid | None = None,
+    m0: Float[ArrayLike, "*batch 3"] | None = None,
 ) -> ResponseTable:
     """Tabulate m.p1(z), m.p2(z) of every device on a `TableGrid` over [-z_max, z_max].
 
     Pure and differentiable w.r.t. `params` and `input_scale` (call it inside a loss for
-    co-design). `grid` (default `TableGrid.for_devices`), `steps`: see `pulse_steps`."""
+    co-design). `grid` (default `TableGrid.for_devices`), `steps`: see `pulse_steps`.
+    `m0`: state each pulse starts from (default +z), one per device or shared."""
     input_scale = jnp.asarray(input_scale, dtype=jnp.result_type(float))
     if grid is None:
         grid = TableGrid.for_devices(params, input_scale, float(z_max), n_grid)
     steps = pulse_steps(params, grid.reach * input_scale, solver, steps, DEFAULT_ODE_STEPS)
-    return _build_table(params, input_scale, grid, solver, steps)
+    m0 = jnp.broadcast_to(jnp.asarray(M_UP if m0 is None else m0), (*params.batch_shape, 3))
+    return _build_table(params, input_scale, grid, solver, steps, m0)
 
 
 @eqx.filter_jit
-def _build_table(params, input_scale, grid: TableGrid, solver, steps):
+def _build_table(params, input_scale, grid: TableGrid, solver, steps, m0):
     zs = grid.nodes()
 
-    def one_device(p):
-        y = jax.vmap(lambda z: _pulse(p, z * input_scale, None, solver, steps))(zs)
+    def one_device(p, m):
+        y = jax.vmap(lambda z: _pulse(p, z * input_scale, None, solver, steps, m))(zs)
         return hermite_coefficients(y)
 
     fn = one_device
     for _ in params.batch_shape:
         fn = jax.vmap(fn)
-    return ResponseTable(coef=fn(params), grid=grid)
+    return ResponseTable(coef=fn(params, m0), grid=grid)
 
 
 class _Config(eqx.Module):
@@ -291,7 +324,7 @@ class _Config(eqx.Module):
 
 def _device_projections(cfg: _Config, dev, z: Array, sde_key, with_p2: bool):
     """Noise-free m.p1, m.p2 of every neuron (p2 may be None when not needed)."""
-    params, input_scale, table = dev
+    params, input_scale, table, m0 = dev
     if cfg.mode == "ideal":
         return jnp.tanh(z), (1 / jnp.cosh(z) if with_p2 else None)
     if cfg.mode == "analytic":
@@ -308,20 +341,22 @@ def _device_projections(cfg: _Config, dev, z: Array, sde_key, with_p2: bool):
     else:
         keys = None
 
-    def solve(p, zz, k):
-        return _pulse(p, zz * input_scale, k, cfg.solver, cfg.steps)
+    def solve(p, zz, k, m):
+        return _pulse(p, zz * input_scale, k, cfg.solver, cfg.steps, m)
 
     if cfg.chunk and flat.shape[0] > cfg.chunk:
         # lax.map over chunks of neurons (vmapped inside a chunk); under an outer jax.vmap
         # over examples a chunk also spans the batch.
         def solve_chunk(args):
-            p, zz, k = args
-            return solve(params if shared else p, zz, k)
+            zz, k, per = args
+            p, m = (params, m0) if shared else per
+            return solve(p, zz, k, m)
 
-        m = jax.lax.map(solve_chunk, (None if shared else params, flat, keys), batch_size=cfg.chunk)
+        per = None if shared else (params, m0)
+        m = jax.lax.map(solve_chunk, (flat, keys, per), batch_size=cfg.chunk)
     else:
-        in_axes = (None if shared else 0, 0, None if keys is None else 0)
-        m = jax.vmap(solve, in_axes=in_axes)(params, flat, keys)
+        in_axes = (None if shared else 0, 0, None if keys is None else 0, None if shared else 0)
+        m = jax.vmap(solve, in_axes=in_axes)(params, flat, keys, m0)
     p1, p2 = m[:, 0].reshape(z.shape), m[:, 1].reshape(z.shape)
     return p1, (p2 if with_p2 else None)
 
@@ -396,6 +431,7 @@ class MTJActivation(eqx.Module):
 
     params: DeviceParams
     input_scale: Float[Array, ""]
+    m0: Float[Array, "*batch 3"]
     table: ResponseTable | None
     mode: str = eqx.field(static=True)
     derivative: str = eqx.field(static=True)
@@ -421,6 +457,7 @@ class MTJActivation(eqx.Module):
         n_grid: int | None = None,
         chunk: int = DEFAULT_CHUNK,
         train_device: bool = False,
+        m0: Float[ArrayLike, "3"] | Float[ArrayLike, "n 3"] | None = None,
     ):
         """`params`: one device (shared by all neurons) or a batch (n,) of devices, one per
         neuron; default `DeviceParams.paper()`. `input_scale` (A per unit z): default
@@ -431,7 +468,9 @@ class MTJActivation(eqx.Module):
         device over the input range (`pulse_steps`), and too few raise. `n_grid`: table nodes
         (default: enough for the steepest device, see `TableGrid.for_devices`).
         `chunk`: "ode"/"sde" solve this many neurons at a time (`lax.map`; 0 = all).
-        `train_device`: let gradients reach params/input_scale (co-design)."""
+        `train_device`: let gradients reach params/input_scale (co-design). `m0`: the state
+        the free layer is reset to before each pulse (default +z): one (3,) for all neurons
+        or (n, 3), one per neuron (imperfect reset, e.g. `mtjax.sample_reset_states`)."""
         params = DeviceParams.paper() if params is None else params
         if not isinstance(params, DeviceParams):
             raise TypeError(f"params: expected DeviceParams, got {type(params).__name__}")
@@ -442,6 +481,7 @@ class MTJActivation(eqx.Module):
             )
         if solver is None:
             solver = "heun_scan" if mode == "sde" else "rk4_scan"
+        params, m0 = _reset_states(params, m0, mode)
         z_max, read_noise = float(z_max), float(read_noise)
         _check_mode_args(mode, derivative, solver, steps, n_grid, z_max, read_noise)
         if mode == "analytic" and (bad := closed_form_violations(params)):
@@ -461,6 +501,7 @@ class MTJActivation(eqx.Module):
         steps = pulse_steps(params, grid.reach * input_scale, solver, steps, floor)
         self.params = params
         self.input_scale = input_scale
+        self.m0 = m0
         self.mode = mode
         self.derivative = derivative
         self.z_max = z_max
@@ -475,7 +516,7 @@ class MTJActivation(eqx.Module):
         self.table = None
         if mode == "table":
             self.table = build_table(
-                params, input_scale, solver=solver, steps=self.steps, grid=grid
+                params, input_scale, solver=solver, steps=self.steps, grid=grid, m0=m0
             )
 
     @property
@@ -499,8 +540,9 @@ class MTJActivation(eqx.Module):
         if self.mode != "table":
             return self
         table = build_table(
-            self.params, self.input_scale, solver=self.solver, steps=self.steps, grid=self.grid
-        )
+            self.params, self.input_scale, solver=self.solver, steps=self.steps, grid=self.grid,
+            m0=self.m0,
+        )  # fmt: skip
         return eqx.tree_at(lambda a: a.table, self, table)
 
     def _prepare(self, z, key):
@@ -527,7 +569,7 @@ class MTJActivation(eqx.Module):
             k_noise, sde_key = jax.random.split(key)
             if self.read_noise > 0:
                 noise = jax.random.normal(k_noise, (2,) + z.shape, z.dtype)
-        dev = (self.params, self.input_scale, self.table)
+        dev = (self.params, self.input_scale, self.table, self.m0)
         if not self.train_device:
             dev = jax.lax.stop_gradient(dev)
         cfg = _Config(

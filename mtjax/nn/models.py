@@ -149,6 +149,7 @@ def trainable(model: PyTree) -> PyTree:
         if _is_mtj(x):
             on = x.train_device
             filt = jax.tree_util.tree_map(lambda leaf: on and eqx.is_array(leaf), x)
+            filt = eqx.tree_at(lambda a: a.m0, filt, False)  # the reset state is not designed
             if x.table is not None:
                 filt = eqx.tree_at(
                     lambda a: a.table, filt, jax.tree_util.tree_map(lambda _: False, x.table)
