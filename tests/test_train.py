@@ -258,7 +258,8 @@ def test_run_folder_lock(tmp_path):
     holder = subprocess.Popen(
         [sys.executable, "-c", (
             "import fcntl, os, sys; fd = os.open(sys.argv[1], os.O_RDWR | os.O_CREAT); "
-            "fcntl.flock(fd, fcntl.LOCK_EX); os.write(fd, b'4242'); print('locked', flush=True); "
+            "fcntl.flock(fd, fcntl.LOCK_EX); os.ftruncate(fd, 0); os.write(fd, b'4242'); "
+            "print('locked', flush=True); "
             "sys.stdin.read()"
         ), str(out / train.LOCK_NAME)],
         stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
