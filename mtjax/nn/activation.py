@@ -59,7 +59,9 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from mtjax.analytic import closed_form_violations, current_scale, pulse_angles
+from mtjax.constants import TIME_UNIT
 from mtjax.integrators import steps_for, too_coarse
+from mtjax.moments import moments_scan
 from mtjax.params import DeviceParams
 from mtjax.physics import (
     rotation_rate_bound,
@@ -308,6 +310,68 @@ def _build_table(params, input_scale, grid: TableGrid, solver, steps, m0):
     for _ in params.batch_shape:
         fn = jax.vmap(fn)
     return ResponseTable(coef=fn(params, m0), grid=grid)
+
+
+def build_noise_table(
+    params: DeviceParams,
+    input_scale: Float[ArrayLike, ""],
+    grid: TableGrid,
+    *,
+    steps: int,
+    m0: Float[ArrayLike, "*batch 3"] | None = None,
+) -> Float[Array, "*batch n_interval 5 4"]:
+    """Thermal statistics of the two read-outs on `grid` (moment approximation,
+    `mtjax.moments`): cubic coefficients of the curves (mean shift of m.p1, of m.p2, std of
+    m.p1, std of m.p2, their correlation), layout as `ResponseTable.coef`. The variances
+    include the sphere's curvature term 1/2 (p.m)(q.m) tr(Sigma^2), the leading
+    contribution where the first-order one vanishes (m.p2 near z = 0). Exactly zero at
+    T = 0. Differentiable w.r.t. params and input_scale."""
+    input_scale = jnp.asarray(input_scale, dtype=jnp.result_type(float))
+    m0 = jnp.broadcast_to(jnp.asarray(M_UP if m0 is None else m0), (*params.batch_shape, 3))
+    return _build_noise_table(params, input_scale, grid, int(steps), m0)
+
+
+def _safe_sqrt(x):
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
+@eqx.filter_jit
+def _build_noise_table(params, input_scale, grid: TableGrid, steps, m0):
+    zs = grid.nodes()
+    dtype = zs.dtype
+
+    def coeffs(p):
+        return jax.vmap(
+            lambda z: torque_coefficients(p, jnp.stack([z * input_scale, jnp.zeros((), dtype)]))
+        )(zs)
+
+    fn = coeffs
+    for _ in params.batch_shape:
+        fn = jax.vmap(fn)
+    lead = len(params.batch_shape) + 1  # device axes + node axis -> moved last
+    c = jax.tree.map(
+        lambda a: jnp.moveaxis(a, tuple(range(lead)), tuple(range(-lead, 0))), fn(params)
+    )
+    m_start = jnp.broadcast_to(
+        jnp.moveaxis(m0, -1, 0)[..., None], (3, *params.batch_shape, len(zs))
+    )
+    t1n = (params.pulse_duration / TIME_UNIT)[..., None]
+    m, delta, sigma = moments_scan(c, m_start, t1n, steps)
+    p = jnp.stack([unit(params.p1), unit(params.p2)])  # (2, *batch, 3)
+    p = jnp.moveaxis(p, -1, 0)[..., None]  # (3, 2, *batch, 1)
+    pm = jnp.einsum("ik...,i...->k...", p, m)  # (2, *batch, node)
+    pd = jnp.einsum("ik...,i...->k...", p, delta)
+    tr2 = jnp.einsum("ij...,ji...->...", sigma, sigma)
+    cov = jnp.einsum("ik...,ij...,jl...->kl...", p, sigma, p) + 0.5 * pm[:, None] * pm[None] * tr2
+    s1, s2 = _safe_sqrt(cov[0, 0]), _safe_sqrt(cov[1, 1])
+    denom = s1 * s2
+    rho = jnp.where(denom > 0, cov[0, 1] / jnp.where(denom > 0, denom, 1.0), 0.0)
+    curves = jnp.stack([pd[0], pd[1], s1, s2, rho], axis=-1)  # (*batch, node, 5)
+    herm = hermite_coefficients
+    for _ in params.batch_shape:
+        herm = jax.vmap(herm)
+    return herm(curves)
 
 
 class _Config(eqx.Module):
