@@ -1,7 +1,7 @@
 """mtjax: differentiable physics of dual-polarizer magnetic tunnel junction neurons in JAX.
 
 Layers (imports point down): constants/params/variation -> physics -> integrators/solve/ensemble
--> readout/analytic -> nn -> data/train/distill -> plot/experiments/paper -> scripts.
+-> readout/analytic -> nn -> plot -> data/train/distill -> experiments/paper -> scripts.
 """
 
 from mtjax import constants, data, distill, nn, physics, plot, readout, train, variation
