@@ -6,12 +6,13 @@ The arrays are cached in-process and returned read-only; copy them to modify.
 Where the data comes from:
 
 - A folder given as ``data_dir`` (argument), else by the environment variable ``MTJAX_DATA_DIR``:
-  only that folder is used, and it must hold the dataset, else `DatasetNotFoundError` names what
-  is missing. Either the raw files -- Fashion-MNIST: ``train-images-idx3-ubyte``,
-  ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (``.gz``
-  optional; in the folder or its ``fashion-mnist/`` subfolder); CIFAR-100: ``train`` and ``test``
-  of the ``cifar-100-python/`` folder from https://www.cs.toronto.edu/~kriz/cifar.html (the
-  folder itself or its parent) -- or a tensorflow-datasets copy prepared in that folder.
+  only that folder is used, and it must hold the dataset (or receive it, ``download=True``),
+  else `DatasetNotFoundError` names what is missing. Either the raw files -- Fashion-MNIST:
+  ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
+  ``t10k-labels-idx1-ubyte`` (``.gz`` optional; in the folder or its ``fashion-mnist/``
+  subfolder); CIFAR-100: ``train`` and ``test`` of the ``cifar-100-python/`` folder from
+  https://www.cs.toronto.edu/~kriz/cifar.html (the folder itself or its parent) -- or a
+  tensorflow-datasets copy prepared in that folder.
 - Without a folder: the Debian package ``dataset-fashion-mnist``
   (``/usr/share/datasets/fashion-mnist``, Fashion-MNIST only), then the download cache
   ``~/.cache/mtjax`` (raw files, as in a folder), then tensorflow-datasets' own folder.
@@ -19,11 +20,11 @@ Where the data comes from:
 Train and test always come from one source: a folder holding the files of only one split is an
 error. Files that are present but malformed raise `DataFormatError`.
 
-Downloads are opt-in (``download=True``). When the local sources lack the dataset, the original
+Downloads are opt-in (``download=True``). When no local raw files are found, the original
 raw files are downloaded (`mtjax.fetch`: published URLs, checksums verified, no TensorFlow)
-into ``data_dir``, else ``$MTJAX_DATA_DIR``, else ``~/.cache/mtjax``. Only if that fails and
-TensorFlow is installed, tensorflow-datasets downloads and prepares the dataset as
-``array_record`` files (preparing needs TensorFlow; reading prepared files does not).
+into ``data_dir``, else ``$MTJAX_DATA_DIR``, else ``~/.cache/mtjax``. If that fails,
+tensorflow-datasets is tried last: it downloads and prepares the dataset as ``array_record``
+files only when TensorFlow is installed (preparing needs it; reading a prepared copy does not).
 
 CIFAR-100 files are Python pickles. They are read with an unpickler that admits only the globals
 such files use (NumPy array reconstruction, and ``_codecs.encode`` that Python 3 writes for bytes
