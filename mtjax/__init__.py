@@ -1,10 +1,10 @@
 """mtjax: differentiable physics of dual-polarizer magnetic tunnel junction neurons in JAX.
 
 Layers (imports point down): constants/params/variation -> physics -> integrators/solve/ensemble
--> readout/analytic -> nn -> data/train/distill -> plot/experiments/paper -> scripts.
+-> readout/analytic -> nn -> plot -> fetch -> data/train/distill -> experiments/paper -> scripts.
 """
 
-from mtjax import constants, data, distill, nn, physics, plot, readout, train, variation
+from mtjax import constants, data, distill, fetch, nn, physics, plot, readout, train, variation
 from mtjax.analytic import analytic_response, current_scale, pulse_angles
 from mtjax.ensemble import pulse_ensemble
 from mtjax.params import DeviceParams
@@ -20,6 +20,7 @@ __all__ = [
     "current_scale",
     "data",
     "distill",
+    "fetch",
     "nn",
     "physics",
     "plot",

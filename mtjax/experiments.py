@@ -84,7 +84,7 @@ def load_arrays(
     download: bool = False,
 ):
     """Normalized float32 `(x, y)` train and test arrays (first `*_subset` examples);
-    `download=True` lets `mtjax.data.load` have tensorflow-datasets fetch missing data."""
+    `download=True` lets `mtjax.data.load` download missing data (`mtjax.fetch`)."""
     out = []
     for split, subset in (("train", train_subset), ("test", test_subset)):
         x, y = _data.load(dataset, split, data_dir=data_dir, label=label, download=download)

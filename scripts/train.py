@@ -64,7 +64,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data-dir", default=None, help="folder with the raw dataset files")
     ap.add_argument(
         "--download", action="store_true",
-        help="let tensorflow-datasets download a dataset not found locally (needs TensorFlow)",
+        help="download the original files of a dataset not found locally (checksums verified)",
     )  # fmt: skip
     ap.add_argument(
         "--model", type=_sizes, default=None,
