@@ -30,6 +30,11 @@ Modes (same API, different fidelity and speed):
   over [-z_max, z_max] and evaluated by cubic Hermite interpolation (129 nodes; slopes from
   4th-order differences; max error vs "ode" ~1.5e-6). `rebuild()` recomputes the tables
   from the current params (differentiably).
+- "thermal": "table" plus thermal noise at table speed: the mean shift, standard deviations
+  and correlation of both read-outs after one pulse at the device's temperature
+  (linear-noise moment approximation, `mtjax.moments`; `build_noise_table`) are tabulated on
+  the same grid, and each evaluation draws one correlated Gaussian sample per neuron from
+  `key`. Equals "table" exactly at T = 0; valid while the thermal spread is small (README).
 - "analytic": closed form m.p1 = tanh(u), m.p2 = sech(u) cos(psi) with the per-device
   (u, psi) of `mtjax.pulse_angles` (per-device gain u/z = input_scale / I_s(device) and
   precession psi/u; no offset: the closed form assumes zero effective field).
@@ -72,7 +77,9 @@ from mtjax.physics import (
 from mtjax.readout import mean_conductance, projection_from_conductance
 from mtjax.solve import M_UP, SOLVERS, pulse_response
 
-MODES = ("ode", "sde", "table", "analytic", "ideal")
+MODES = ("ode", "sde", "table", "thermal", "analytic", "ideal")
+#: Modes whose evaluation is stochastic through the device (need a key at T > 0).
+THERMAL_MODES = ("sde", "thermal")
 DERIVATIVES = ("mz2", "mz", "autodiff")
 #: Fewest pulse steps of the "ode"/"table" (rk4_scan) and "sde" (heun_scan) modes. The
 #: count actually used is chosen at construction from the dynamics of every device over the
@@ -183,6 +190,7 @@ class ResponseTable(eqx.Module):
 
     coef: Float[Array, "*batch n_interval 2 4"]
     grid: TableGrid
+    noise: Float[Array, "*batch n_interval 5 4"] | None = None
 
 
 def _reset_states(params: DeviceParams, m0, mode: str):
@@ -339,39 +347,28 @@ def _safe_sqrt(x):
 @eqx.filter_jit
 def _build_noise_table(params, input_scale, grid: TableGrid, steps, m0):
     zs = grid.nodes()
-    dtype = zs.dtype
 
-    def coeffs(p):
-        return jax.vmap(
-            lambda z: torque_coefficients(p, jnp.stack([z * input_scale, jnp.zeros((), dtype)]))
-        )(zs)
+    def one_device(p, m_start):
+        t1n = p.pulse_duration / TIME_UNIT
+        pol = jnp.stack([unit(p.p1), unit(p.p2)])  # (2, 3)
 
-    fn = coeffs
+        def one_node(z):
+            c = torque_coefficients(p, jnp.stack([z * input_scale, jnp.zeros_like(z)]))
+            m, delta, sigma = moments_scan(c, m_start, t1n, steps)
+            pm = pol @ m
+            cov = pol @ sigma @ pol.T + 0.5 * jnp.outer(pm, pm) * jnp.sum(sigma * sigma)
+            s1, s2 = _safe_sqrt(cov[0, 0]), _safe_sqrt(cov[1, 1])
+            den = s1 * s2
+            rho = jnp.where(den > 0, cov[0, 1] / jnp.where(den > 0, den, 1.0), 0.0)
+            d1, d2 = pol @ delta
+            return jnp.stack([d1, d2, s1, s2, rho])
+
+        return hermite_coefficients(jax.vmap(one_node)(zs))
+
+    fn = one_device
     for _ in params.batch_shape:
         fn = jax.vmap(fn)
-    lead = len(params.batch_shape) + 1  # device axes + node axis -> moved last
-    c = jax.tree.map(
-        lambda a: jnp.moveaxis(a, tuple(range(lead)), tuple(range(-lead, 0))), fn(params)
-    )
-    m_start = jnp.broadcast_to(
-        jnp.moveaxis(m0, -1, 0)[..., None], (3, *params.batch_shape, len(zs))
-    )
-    t1n = (params.pulse_duration / TIME_UNIT)[..., None]
-    m, delta, sigma = moments_scan(c, m_start, t1n, steps)
-    p = jnp.stack([unit(params.p1), unit(params.p2)])  # (2, *batch, 3)
-    p = jnp.moveaxis(p, -1, 0)[..., None]  # (3, 2, *batch, 1)
-    pm = jnp.einsum("ik...,i...->k...", p, m)  # (2, *batch, node)
-    pd = jnp.einsum("ik...,i...->k...", p, delta)
-    tr2 = jnp.einsum("ij...,ji...->...", sigma, sigma)
-    cov = jnp.einsum("ik...,ij...,jl...->kl...", p, sigma, p) + 0.5 * pm[:, None] * pm[None] * tr2
-    s1, s2 = _safe_sqrt(cov[0, 0]), _safe_sqrt(cov[1, 1])
-    denom = s1 * s2
-    rho = jnp.where(denom > 0, cov[0, 1] / jnp.where(denom > 0, denom, 1.0), 0.0)
-    curves = jnp.stack([pd[0], pd[1], s1, s2, rho], axis=-1)  # (*batch, node, 5)
-    herm = hermite_coefficients
-    for _ in params.batch_shape:
-        herm = jax.vmap(herm)
-    return herm(curves)
+    return fn(params, m0)
 
 
 class _Config(eqx.Module):
@@ -394,9 +391,12 @@ def _device_projections(cfg: _Config, dev, z: Array, sde_key, with_p2: bool):
     if cfg.mode == "analytic":
         u, psi = pulse_angles(params, z * input_scale)
         return jnp.tanh(u), (jnp.cos(psi) / jnp.cosh(u) if with_p2 else None)
-    if cfg.mode == "table":
+    if cfg.mode in ("table", "thermal"):
         y = hermite_eval(table.coef, table.grid, z)
-        return y[..., 0], (y[..., 1] if with_p2 else None)
+        p1, p2 = y[..., 0], y[..., 1]
+        if cfg.mode == "thermal" and sde_key is not None:  # no key: T = 0 (checked)
+            p1, p2 = _thermal_sample(table, z, p1, p2, sde_key)
+        return p1, (p2 if with_p2 else None)
     # "ode" / "sde": one solve per neuron
     shared = params.batch_shape == ()
     flat = z.reshape(-1) if shared else z
@@ -423,6 +423,17 @@ def _device_projections(cfg: _Config, dev, z: Array, sde_key, with_p2: bool):
         m = jax.vmap(solve, in_axes=in_axes)(params, flat, keys, m0)
     p1, p2 = m[:, 0].reshape(z.shape), m[:, 1].reshape(z.shape)
     return p1, (p2 if with_p2 else None)
+
+
+def _thermal_sample(table: ResponseTable, z, p1, p2, key):
+    """One correlated Gaussian draw of both read-outs around the noise-free table values."""
+    d1, d2, s1, s2, rho = jnp.moveaxis(hermite_eval(table.noise, table.grid, z), -1, 0)
+    e1, e2 = jax.random.normal(key, (2, *z.shape), z.dtype)
+    rho = jnp.clip(rho, -1.0, 1.0)
+    s1, s2 = jnp.maximum(s1, 0.0), jnp.maximum(s2, 0.0)
+    p1 = p1 + d1 + s1 * e1
+    p2 = p2 + d2 + s2 * (rho * e1 + _safe_sqrt(1.0 - rho * rho) * e2)
+    return p1, p2
 
 
 def _read(params: DeviceParams, proj: Array, polarizer: int, read_noise: float, noise):
@@ -545,6 +556,8 @@ class MTJActivation(eqx.Module):
             )
         if solver is None:
             solver = "heun_scan" if mode == "sde" else "rk4_scan"
+        if mode == "thermal" and solver != "rk4_scan":
+            raise ValueError(f"solver: mode='thermal' integrates with 'rk4_scan', got {solver!r}")
         params, m0 = _reset_states(params, m0, mode)
         z_max, read_noise = float(z_max), float(read_noise)
         _check_mode_args(mode, derivative, solver, steps, n_grid, z_max, read_noise)
@@ -577,11 +590,7 @@ class MTJActivation(eqx.Module):
             raise ValueError(f"chunk: must be an integer >= 0, got {chunk!r}")
         self.chunk = int(chunk)
         self.train_device = bool(train_device)
-        self.table = None
-        if mode == "table":
-            self.table = build_table(
-                params, input_scale, solver=solver, steps=self.steps, grid=grid, m0=m0
-            )
+        self.table = self._tables() if mode in ("table", "thermal") else None
 
     @property
     def n_devices(self) -> int | None:
@@ -598,16 +607,35 @@ class MTJActivation(eqx.Module):
         """Driver saturation current I_max = z_max * input_scale (A)."""
         return self.z_max * self.input_scale
 
-    def rebuild(self) -> MTJActivation:
-        """Copy with the tables recomputed from the current params and input_scale
-        (differentiable: call inside a loss for co-design). No-op unless mode == "table"."""
-        if self.mode != "table":
-            return self
+    def _tables(self) -> ResponseTable:
         table = build_table(
             self.params, self.input_scale, solver=self.solver, steps=self.steps, grid=self.grid,
             m0=self.m0,
         )  # fmt: skip
-        return eqx.tree_at(lambda a: a.table, self, table)
+        if self.mode == "thermal":
+            noise = build_noise_table(
+                self.params, self.input_scale, self.grid, steps=self.steps, m0=self.m0
+            )
+            table = eqx.tree_at(lambda t: t.noise, table, noise, is_leaf=lambda x: x is None)
+        return table
+
+    def rebuild(self) -> MTJActivation:
+        """Copy with the tables recomputed from the current params and input_scale
+        (differentiable: call inside a loss for co-design). No-op unless the mode is
+        "table" or "thermal"."""
+        if self.mode not in ("table", "thermal"):
+            return self
+        return eqx.tree_at(lambda a: a.table, self, self._tables())
+
+    @property
+    def stochastic(self) -> bool:
+        """True when an evaluation needs a PRNG key (read noise, or thermal noise)."""
+        if self.read_noise > 0 or self.mode == "sde":
+            return True
+        if self.mode != "thermal":
+            return False
+        t = self.params.temperature
+        return isinstance(t, jax.core.Tracer) or bool(np.any(np.asarray(t) > 0))
 
     def _prepare(self, z, key):
         z = jnp.asarray(z)
@@ -619,8 +647,8 @@ class MTJActivation(eqx.Module):
                 f"z: shape {z.shape} does not match the {n} per-neuron devices; expected ({n},)"
                 " (map over a batch with jax.vmap)"
             )
-        if self.mode == "sde" and key is None:
-            raise ValueError("key: mode='sde' (thermal) needs a PRNG key")
+        if self.mode in THERMAL_MODES and key is None and self.stochastic:
+            raise ValueError(f"key: mode={self.mode!r} (thermal noise) needs a PRNG key")
         if self.read_noise > 0 and key is None:
             raise ValueError(f"key: read_noise={self.read_noise} > 0 needs a PRNG key")
         z = eqx.error_if(
@@ -629,7 +657,7 @@ class MTJActivation(eqx.Module):
         # driver saturation: flat (zero gradient) strictly beyond +-z_max
         z = jnp.where(jnp.abs(z) <= self.z_max, z, jnp.sign(z) * self.z_max)
         noise, sde_key = None, None
-        if key is not None and (self.read_noise > 0 or self.mode == "sde"):
+        if key is not None and (self.read_noise > 0 or self.mode in THERMAL_MODES):
             k_noise, sde_key = jax.random.split(key)
             if self.read_noise > 0:
                 noise = jax.random.normal(k_noise, (2,) + z.shape, z.dtype)
