@@ -182,15 +182,19 @@ def hermite_eval(coef: Array, grid: TableGrid, z: Array) -> Array:
 
 
 class ResponseTable(eqx.Module):
-    """Piecewise-cubic response curves m.p1(z), m.p2(z) of one device or a batch.
+    """Piecewise-cubic response curves of one device or a batch.
 
-    `coef[..., i, k, :]` holds the cubic coefficients (c0, c1, c2, c3) of curve k (0: m.p1,
-    1: m.p2) on interval i of `grid`, in the local coordinate t in [0, 1]:
-    value = c0 + c1 t + c2 t^2 + c3 t^3."""
+    `coef[..., i, k, :]` holds the cubic coefficients (c0, c1, c2, c3) of curve k on interval
+    i of `grid`, in the local coordinate t in [0, 1]: value = c0 + c1 t + c2 t^2 + c3 t^3.
+    Curves: 0 m.p1, 1 m.p2 (noise-free); thermal tables add 2, 3 the mean shifts of m.p1,
+    m.p2, 4, 5 their standard deviations, 6 their correlation (`build_noise_table`)."""
 
-    coef: Float[Array, "*batch n_interval 2 4"]
+    coef: Float[Array, "*batch n_interval k 4"]
     grid: TableGrid
-    noise: Float[Array, "*batch n_interval 5 4"] | None = None
+
+    @property
+    def thermal(self) -> bool:
+        return self.coef.shape[-2] == 7
 
 
 def _reset_states(params: DeviceParams, m0, mode: str):
@@ -395,7 +399,7 @@ def _device_projections(cfg: _Config, dev, z: Array, sde_key, with_p2: bool):
         y = hermite_eval(table.coef, table.grid, z)
         p1, p2 = y[..., 0], y[..., 1]
         if cfg.mode == "thermal" and sde_key is not None:  # no key: T = 0 (checked)
-            p1, p2 = _thermal_sample(table, z, p1, p2, sde_key)
+            p1, p2 = _thermal_sample(y, p1, p2, sde_key)
         return p1, (p2 if with_p2 else None)
     # "ode" / "sde": one solve per neuron
     shared = params.batch_shape == ()
@@ -425,10 +429,11 @@ def _device_projections(cfg: _Config, dev, z: Array, sde_key, with_p2: bool):
     return p1, (p2 if with_p2 else None)
 
 
-def _thermal_sample(table: ResponseTable, z, p1, p2, key):
-    """One correlated Gaussian draw of both read-outs around the noise-free table values."""
-    d1, d2, s1, s2, rho = jnp.moveaxis(hermite_eval(table.noise, table.grid, z), -1, 0)
-    e1, e2 = jax.random.normal(key, (2, *z.shape), z.dtype)
+def _thermal_sample(y, p1, p2, key):
+    """One correlated Gaussian draw of both read-outs around the noise-free table values;
+    `y` (*z, 7): the evaluated curves of a thermal `ResponseTable`."""
+    d1, d2, s1, s2, rho = jnp.moveaxis(y[..., 2:], -1, 0)
+    e1, e2 = jax.random.normal(key, (2, *p1.shape), p1.dtype)
     rho = jnp.clip(rho, -1.0, 1.0)
     s1, s2 = jnp.maximum(s1, 0.0), jnp.maximum(s2, 0.0)
     p1 = p1 + d1 + s1 * e1
@@ -616,7 +621,7 @@ class MTJActivation(eqx.Module):
             noise = build_noise_table(
                 self.params, self.input_scale, self.grid, steps=self.steps, m0=self.m0
             )
-            table = eqx.tree_at(lambda t: t.noise, table, noise, is_leaf=lambda x: x is None)
+            table = ResponseTable(jnp.concatenate([table.coef, noise], axis=-2), table.grid)
         return table
 
     def rebuild(self) -> MTJActivation:
