@@ -1,14 +1,15 @@
 """mtjax: differentiable physics of dual-polarizer magnetic tunnel junction neurons in JAX.
 
 Layers (imports point down): constants/params/variation/sharding -> physics ->
-integrators/solve/ensemble -> readout/analytic -> nn -> data/train/distill ->
-plot/experiments/paper -> scripts.
+integrators/solve/ensemble -> readout/analytic -> nn -> plot -> fetch -> data/train/distill ->
+experiments/paper -> scripts.
 """
 
 from mtjax import (
     constants,
     data,
     distill,
+    fetch,
     nn,
     physics,
     plot,
@@ -21,7 +22,7 @@ from mtjax.analytic import analytic_response, current_scale, pulse_angles
 from mtjax.ensemble import pulse_ensemble
 from mtjax.params import DeviceParams
 from mtjax.solve import Trajectory, pulse_response, simulate
-from mtjax.variation import Spreads, sample_devices
+from mtjax.variation import Spreads, sample_devices, sample_reset_states
 
 __all__ = [
     "DeviceParams",
@@ -32,6 +33,7 @@ __all__ = [
     "current_scale",
     "data",
     "distill",
+    "fetch",
     "nn",
     "physics",
     "plot",
@@ -40,6 +42,7 @@ __all__ = [
     "pulse_response",
     "readout",
     "sample_devices",
+    "sample_reset_states",
     "sharding",
     "simulate",
     "train",

@@ -6,21 +6,25 @@ The arrays are cached in-process and returned read-only; copy them to modify.
 Where the data comes from:
 
 - A folder given as ``data_dir`` (argument), else by the environment variable ``MTJAX_DATA_DIR``:
-  only that folder is used, and it must hold the dataset, else `DatasetNotFoundError` names what
-  is missing. Either the raw files -- Fashion-MNIST: ``train-images-idx3-ubyte``,
-  ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``, ``t10k-labels-idx1-ubyte`` (``.gz``
-  optional; in the folder or its ``fashion-mnist/`` subfolder); CIFAR-100: ``train`` and ``test``
-  of the ``cifar-100-python/`` folder from https://www.cs.toronto.edu/~kriz/cifar.html (the
-  folder itself or its parent) -- or a tensorflow-datasets copy prepared in that folder.
+  only that folder is used, and it must hold the dataset (or receive it, ``download=True``),
+  else `DatasetNotFoundError` names what is missing. Either the raw files -- Fashion-MNIST:
+  ``train-images-idx3-ubyte``, ``train-labels-idx1-ubyte``, ``t10k-images-idx3-ubyte``,
+  ``t10k-labels-idx1-ubyte`` (``.gz`` optional; in the folder or its ``fashion-mnist/``
+  subfolder); CIFAR-100: ``train`` and ``test`` of the ``cifar-100-python/`` folder from
+  https://www.cs.toronto.edu/~kriz/cifar.html (the folder itself or its parent) -- or a
+  tensorflow-datasets copy prepared in that folder.
 - Without a folder: the Debian package ``dataset-fashion-mnist``
-  (``/usr/share/datasets/fashion-mnist``, Fashion-MNIST only), then tensorflow-datasets' own
-  folder.
+  (``/usr/share/datasets/fashion-mnist``, Fashion-MNIST only), then the download cache
+  ``~/.cache/mtjax`` (raw files, as in a folder), then tensorflow-datasets' own folder.
 
 Train and test always come from one source: a folder holding the files of only one split is an
 error. Files that are present but malformed raise `DataFormatError`.
 
-Downloads are opt-in (``download=True``): tensorflow-datasets then downloads and prepares the
-dataset as ``array_record`` files. Preparing needs TensorFlow; reading them does not.
+Downloads are opt-in (``download=True``). When no local raw files are found, the original
+raw files are downloaded (`mtjax.fetch`: published URLs, checksums verified, no TensorFlow)
+into ``data_dir``, else ``$MTJAX_DATA_DIR``, else ``~/.cache/mtjax``. If that fails,
+tensorflow-datasets is tried last: it downloads and prepares the dataset as ``array_record``
+files only when TensorFlow is installed (preparing needs it; reading a prepared copy does not).
 
 CIFAR-100 files are Python pickles. They are read with an unpickler that admits only the globals
 such files use (NumPy array reconstruction, and ``_codecs.encode`` that Python 3 writes for bytes
@@ -38,6 +42,7 @@ from __future__ import annotations
 import codecs
 import functools
 import gzip
+import importlib.util
 import math
 import os
 import pickle
@@ -48,6 +53,8 @@ from pathlib import Path
 
 import numpy as np
 from numpy._core.multiarray import _reconstruct
+
+from mtjax import fetch
 
 __all__ = [
     "DEBIAN_FASHION_MNIST_DIR",
@@ -359,15 +366,26 @@ def _decode_names(path: Path, obj: dict, key: bytes, n: int) -> list[str]:
 # --------------------------------------------------------------------------- tensorflow-datasets
 
 
-def _tfds_failure(e: Exception, name: str, download: bool, builder) -> str:
+def _needs_tensorflow(name: str) -> str:
+    return (
+        f"preparing {name} needs TensorFlow, which is not installed (`pip install "
+        "tensorflow`); the prepared array_record files are then read without it"
+    )
+
+
+def _tensorflow_available() -> bool:
+    return importlib.util.find_spec("tensorflow") is not None
+
+
+def _tfds_failure(e: Exception, name: str, download: bool, skipped: bool, builder) -> str:
     """Why tensorflow-datasets could not give the data, in words."""
     if isinstance(e, ModuleNotFoundError) and e.name == "tensorflow":
-        return (
-            f"preparing {name} needs TensorFlow, which is not installed (`pip install "
-            "tensorflow`); the prepared array_record files are then read without it"
-        )
-    if not download and builder is not None and not builder.is_prepared():
-        return f"not prepared in {builder.data_dir} (download=False)"
+        return _needs_tensorflow(name)
+    if builder is not None and not builder.is_prepared():
+        if skipped:
+            return f"not prepared in {builder.data_dir}, and {_needs_tensorflow(name)}"
+        if not download:
+            return f"not prepared in {builder.data_dir} (download=False)"
     return f"{type(e).__name__}: {e}"
 
 
@@ -375,22 +393,25 @@ def _tfds_failure(e: Exception, name: str, download: bool, builder) -> str:
 def _load_tfds(name: str, split: str, data_dir: str | None, download: bool):
     """``(images, fine, coarse)`` through tensorflow-datasets' array_record data source.
 
-    ``download=True`` downloads and prepares the dataset first (a no-op once prepared).
-    Raises `_SourceUnavailable` with the reason when tensorflow-datasets cannot give the data.
+    ``download=True`` downloads and prepares the dataset first (a no-op once prepared) when
+    TensorFlow is installed; without it only a prepared copy can be read (preparing would
+    fail after the download). Raises `_SourceUnavailable` with the reason when
+    tensorflow-datasets cannot give the data.
     """
     try:
         import tensorflow_datasets as tfds
     except Exception as e:
         raise _SourceUnavailable(f"cannot import tensorflow_datasets: {e}") from e
     builder = None
+    skipped = download and not _tensorflow_available()
     try:
         builder = tfds.builder(name, data_dir=data_dir, file_format="array_record")
-        if download:
+        if download and not skipped:
             builder.download_and_prepare()
         source = builder.as_data_source(split=split)
         examples = [source[i] for i in range(len(source))]
     except Exception as e:
-        raise _SourceUnavailable(_tfds_failure(e, name, download, builder)) from e
+        raise _SourceUnavailable(_tfds_failure(e, name, download, skipped, builder)) from e
     where = f"tfds:{name}/{split}"
     want = (28, 28, 1) if name == "fashion_mnist" else (32, 32, 3)
     try:
@@ -428,42 +449,82 @@ def _how_to_get(name: str) -> str:
             f"(scripts: --data-dir) or in ${ENV_VAR}"
         )
     return (
-        f"To get the data: {local}; or pass download=True (scripts: --download) to let "
-        "tensorflow-datasets download and prepare it (needs internet and TensorFlow)."
+        f"To get the data: {local}; or pass download=True (scripts: --download) to download "
+        f"the original files (checksums verified; into data_dir, ${ENV_VAR} or "
+        f"{fetch.DEFAULT_CACHE_DIR}; needs internet)."
     )
 
 
+def _download_raw(name: str, folder: Path) -> None:
+    """Download the raw files of ``name`` into ``folder`` (`mtjax.fetch.download_raw`)."""
+    fetch.download_raw(name, folder)
+
+
+def _raw_source(name: str, folder: Path, split: str, download: bool, label: str, reasons: list):
+    """``(images, fine, coarse)`` from the raw files in ``folder``, downloading them first
+    when ``download`` and they are missing; None (and the reasons appended) otherwise.
+
+    Incomplete raw files are an error (`_Incomplete`) unless ``download`` completes them."""
+    try:
+        files = _raw_files(name, folder) if folder.is_dir() else None
+    except _Incomplete as e:
+        if not download:
+            raise
+        reasons.append((f"{label}: raw files", f"incomplete: {e}"))
+    else:
+        if files is not None:
+            return _read_raw(name, files[split])
+        reasons.append((f"{label}: raw files", f"no {_expected(name, folder)}"))
+    if not download:
+        return None
+    try:
+        _download_raw(name, folder)
+        files = _raw_files(name, folder)
+    except (fetch.DownloadError, _Incomplete, OSError) as e:
+        reasons.append((f"{label}: raw download", str(e)))
+        return None
+    if files is None:
+        reasons.append((f"{label}: raw download", f"still no {_expected(name, folder)}"))
+        return None
+    return _read_raw(name, files[split])
+
+
+def _not_found(header: str, name: str, reasons: list) -> DatasetNotFoundError:
+    lines = [header]
+    lines += [f"  {i}. {src}: {why}" for i, (src, why) in enumerate(reasons, 1)]
+    lines.append(_how_to_get(name))
+    return DatasetNotFoundError("\n".join(lines), reasons)
+
+
 def _from_folder(desc: str, folder: Path, name: str, split: str, download: bool):
-    """``(images, fine, coarse)`` from the user's folder, which must hold the dataset."""
+    """``(images, fine, coarse)`` from the user's folder, which must hold the dataset (or
+    receive it with ``download``)."""
     if not folder.is_dir():
         why = f"{folder} is not a folder"
         msg = f"cannot load {name!r}: {desc}: {why}.\n{_how_to_get(name)}"
         raise DatasetNotFoundError(msg, [(desc, why)])
+    reasons: list[tuple[str, str]] = []
     try:
-        files = _raw_files(name, folder)
+        got = _raw_source(name, folder, split, download, desc, reasons)
     except _Incomplete as e:
         msg = (
             f"cannot load {name!r} from {desc}: incomplete raw files: {e}. Train and test "
             f"must come from the same folder.\n{_how_to_get(name)}"
         )
         raise DatasetNotFoundError(msg, [(desc, str(e))]) from None
-    if files is not None:
-        return _read_raw(name, files[split])
+    if got is not None:
+        return got
     try:
         return _load_tfds(name, split, str(folder), download)
     except _SourceUnavailable as e:
-        reasons = [
-            (f"{desc}: raw files", f"no {_expected(name, folder)}"),
-            (f"{desc}: tensorflow-datasets", str(e)),
-        ]
-        lines = [f"cannot load {name!r} split {split!r}: {desc} does not hold it:"]
-        lines += [f"  {i}. {src}: {why}" for i, (src, why) in enumerate(reasons, 1)]
-        lines.append(_how_to_get(name))
-        raise DatasetNotFoundError("\n".join(lines), reasons) from None
+        reasons.append((f"{desc}: tensorflow-datasets", str(e)))
+    header = f"cannot load {name!r} split {split!r}: {desc} does not hold it:"
+    raise _not_found(header, name, reasons) from None
 
 
 def _from_defaults(desc: str, name: str, split: str, download: bool):
-    """``(images, fine, coarse)`` from the Debian copy, then tensorflow-datasets' folder."""
+    """``(images, fine, coarse)`` from the Debian copy, the download cache (downloading into
+    it with ``download``), then tensorflow-datasets' folder."""
     reasons = [(desc, "not set")]
     if name == "fashion_mnist":
         debian = Path(DEBIAN_FASHION_MNIST_DIR)
@@ -476,14 +537,20 @@ def _from_defaults(desc: str, name: str, split: str, download: bool):
             if files is not None:
                 return _read_raw(name, files[split])
             reasons.append((src, f"not installed: no {_expected(name, debian)}"))
+    cache = Path(fetch.DEFAULT_CACHE_DIR).expanduser()
+    label = f"download cache ({cache})"
+    try:
+        got = _raw_source(name, cache, split, download, label, reasons)
+    except _Incomplete as e:
+        reasons.append((f"{label}: raw files", f"skipped, incomplete: {e}"))
+        got = None
+    if got is not None:
+        return got
     try:
         return _load_tfds(name, split, None, download)
     except _SourceUnavailable as e:
         reasons.append(("tensorflow-datasets (its default folder)", str(e)))
-    lines = [f"cannot load {name!r} split {split!r}; sources tried:"]
-    lines += [f"  {i}. {src}: {why}" for i, (src, why) in enumerate(reasons, 1)]
-    lines.append(_how_to_get(name))
-    raise DatasetNotFoundError("\n".join(lines), reasons)
+    raise _not_found(f"cannot load {name!r} split {split!r}; sources tried:", name, reasons)
 
 
 def load(
@@ -497,8 +564,10 @@ def load(
     """Return read-only ``(images uint8 (N,H,W,C), labels int32 (N,))`` for ``split``.
 
     ``label`` selects CIFAR-100's ``"fine"`` (100) or ``"coarse"`` (20) classes.
-    ``download=True`` lets tensorflow-datasets download and prepare a dataset no source has
-    (into ``data_dir`` when given). See the module docstring for the sources.
+    ``download=True`` downloads the original files of a dataset no local source has (into
+    ``data_dir``, else ``$MTJAX_DATA_DIR``, else ``~/.cache/mtjax``; checksums verified),
+    falling back to tensorflow-datasets when TensorFlow is installed. See the module
+    docstring for the sources.
     """
     _check_args(name, split, label)
     desc, folder = _user_dir(data_dir)
@@ -510,15 +579,19 @@ def load(
 
 
 def class_names(name: str, *, data_dir: StrPath | None = None, label: str = "fine") -> list[str]:
-    """Class names indexed by label; CIFAR-100 names come from its ``meta`` file."""
+    """Class names indexed by label; CIFAR-100 names come from its ``meta`` file (in the
+    folder, else in the download cache)."""
     _check_args(name, None, label)
     if name == "fashion_mnist":
         return list(FASHION_MNIST_CLASSES)
     desc, folder = _user_dir(data_dir)
-    cands = () if folder is None else (folder / _CIFAR_DIRNAME / "meta", folder / "meta")
+    if folder is None:
+        desc = f"{desc} not set, download cache"
+        folder = Path(fetch.DEFAULT_CACHE_DIR).expanduser()
+    cands = (folder / _CIFAR_DIRNAME / "meta", folder / "meta")
     path = next((p for p in cands if p.is_file()), None)
     if path is None:
-        why = "not set" if folder is None else f"no {' or '.join(map(str, cands))}"
+        why = f"no {' or '.join(map(str, cands))}"
         msg = f"cannot find the CIFAR-100 meta file; {desc}: {why}\n{_how_to_get(name)}"
         raise DatasetNotFoundError(msg, [(desc, why)])
     obj = _unpickle(path)

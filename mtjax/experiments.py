@@ -4,7 +4,8 @@ A `RunSpec` names one training run (data, MLP sizes, activation and device setti
 trains it with `mtjax.train.train` and returns a JSON-able summary. Device settings:
 `variation` is the relative spread of `mtjax.variation.Spreads.relative` (one sampled
 device per hidden neuron), `read_noise` is in units of the normalized read-out signal,
-`temperature > 0` switches the neurons to thermal (`mode="sde"`) simulation.
+`temperature > 0` makes the neurons thermal: `mode="thermal"` (moment tables, table speed)
+unless the spec asks for the reference `mode="sde"`.
 """
 
 from __future__ import annotations
@@ -84,7 +85,7 @@ def load_arrays(
     download: bool = False,
 ):
     """Normalized float32 `(x, y)` train and test arrays (first `*_subset` examples);
-    `download=True` lets `mtjax.data.load` have tensorflow-datasets fetch missing data."""
+    `download=True` lets `mtjax.data.load` download missing data (`mtjax.fetch`)."""
     out = []
     for split, subset in (("train", train_subset), ("test", test_subset)):
         x, y = _data.load(dataset, split, data_dir=data_dir, label=label, download=download)
@@ -107,11 +108,19 @@ def make_activation(spec: RunSpec, width: int, key: jax.Array):
         params = sample_devices(nominal, key, width, spreads)
     return MTJActivation(
         params,
-        mode="sde" if spec.temperature > 0 else spec.mode,
+        mode=neuron_mode(spec),
         derivative=spec.derivative,
         read_noise=spec.read_noise,
         input_scale=current_scale(nominal),  # the circuit is designed for the nominal device
     )
+
+
+def neuron_mode(spec: RunSpec) -> str:
+    """The MTJ mode a spec runs: its `mode`, made thermal ("thermal") when the temperature
+    is > 0 and the mode has no thermal noise ("sde" stays the reference)."""
+    if spec.temperature > 0 and spec.mode not in ("sde", "thermal"):
+        return "thermal"
+    return spec.mode
 
 
 def hidden_activations(spec: RunSpec, key: jax.Array) -> list:

@@ -87,11 +87,12 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
-from tqdm.auto import tqdm
 
 from mtjax import data as _data
+from mtjax import plot
 from mtjax import sharding as _sharding
-from mtjax.fileio import atomic_write_bytes, new_figure, save_figure
+from mtjax._tqdm import tqdm  # no "IProgress not found" warning in Jupyter
+from mtjax.fileio import atomic_write_bytes
 
 try:
     import fcntl
@@ -1359,23 +1360,9 @@ def train(
 
 
 def plot_history(history: Sequence[dict[str, Any]], path: StrPath) -> Path:
-    """PNG of train loss against step and test accuracy against epoch, written atomically."""
-    steps = [r for r in history if r.get("event") == "step"]
-    epochs = [r for r in history if r.get("event") == "epoch"]
-    fig = new_figure(figsize=(9, 3.5), layout="constrained")
-    ax_loss, ax_acc = fig.subplots(1, 2)
-    if steps:
-        ax_loss.plot([r["step"] for r in steps], [r["train_loss"] for r in steps], label="train")
-    if epochs:
-        ep_steps = [r["step"] for r in epochs]
-        ax_loss.plot(ep_steps, [r["train_loss"] for r in epochs], "o-", label="train (epoch)")
-        ax_loss.plot(ep_steps, [r["test_loss"] for r in epochs], "s-", label="test")
-        ax_acc.plot([r["epoch"] for r in epochs], [100 * r["test_accuracy"] for r in epochs], "o-")
-    ax_loss.set(xlabel="step", ylabel="cross-entropy", title="loss")
-    ax_loss.legend(loc="upper right")
-    ax_acc.set(xlabel="epoch", ylabel="test accuracy (%)", title="test accuracy")
-    ax_acc.grid(alpha=0.3)
-    return save_figure(fig, path, dpi=100)
+    """PNG of `mtjax.plot.training_curves` (loss against step, test accuracy against epoch),
+    written atomically."""
+    return plot.save(plot.training_curves(history), path, dpi=100)
 
 
 def accuracy_curve_png(metrics_path: StrPath, png_path: StrPath) -> Path:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import equinox as eqx
 import jax
 import jax.numpy as jnp
-from jaxtyping import PRNGKeyArray
+from jaxtyping import Array, Float, PRNGKeyArray
 
 from mtjax.constants import GAMMA0
 from mtjax.params import DeviceParams
@@ -99,3 +99,15 @@ def sample_devices(
     out["h_bias"] = params.h_bias + spreads.h_bias * jax.random.normal(keys["h_bias"], (n, 3))
     batched = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), params)
     return batched.replace(**out)
+
+
+def sample_reset_states(key: PRNGKeyArray, n: int, offset: float) -> Float[Array, "n 3"]:
+    """`n` imperfect reset states near +z: m0 = (a, b, 1) / |(a, b, 1)| with a, b ~ N(0, offset),
+    so m_x(0) has a spread of about `offset` (pass as `MTJActivation(..., m0=...)`)."""
+    if int(n) != n or n < 1:
+        raise ValueError(f"n must be a positive integer, got {n}")
+    if not (offset >= 0 and offset < float("inf")):
+        raise ValueError(f"offset must be finite and >= 0, got {offset}")
+    ab = offset * jax.random.normal(key, (n, 2))
+    m = jnp.concatenate([ab, jnp.ones((n, 1))], axis=1)
+    return m / jnp.linalg.norm(m, axis=1, keepdims=True)

@@ -39,7 +39,7 @@ def parse_args(argv=None):
     ap.add_argument("--skip-cifar", action="store_true")
     ap.add_argument(
         "--download", action="store_true",
-        help="let tensorflow-datasets download datasets not found locally (needs TensorFlow)",
+        help="download the original files of datasets not found locally (checksums verified)",
     )  # fmt: skip
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)

@@ -83,7 +83,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--data-dir", default=None, help="folder with the raw dataset files")
     ap.add_argument(
         "--download", action="store_true",
-        help="let tensorflow-datasets download a dataset not found locally (needs TensorFlow)",
+        help="download the original files of a dataset not found locally (checksums verified)",
     )  # fmt: skip
     ap.add_argument(
         "--model", type=_sizes, default=None,
@@ -98,7 +98,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--seed", type=_seed, default=0)
     ap.add_argument("--variation", type=_nonneg, default=0.0, help="relative device spread")
     ap.add_argument("--read-noise", type=_nonneg, default=0.0, help="std, normalized signal")
-    ap.add_argument("--temperature", type=_nonneg, default=0.0, help="K; > 0 implies --mode sde")
+    ap.add_argument(
+        "--temperature", type=_nonneg, default=0.0,
+        help="K; > 0 makes the neurons thermal (--mode thermal by default; sde: the reference)",
+    )  # fmt: skip
     ap.add_argument("--train-subset", type=_positive_int, default=None)
     ap.add_argument(
         "--devices", type=_devices, default="all",
@@ -112,9 +115,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if not (math.isfinite(args.lr) and args.lr > 0):
         ap.error(f"--lr must be > 0 and finite, got {args.lr}")
-    if args.temperature > 0 and args.mode not in (None, "sde"):
-        ap.error(f"--temperature is thermal simulation: use --mode sde, not {args.mode}")
-    args.mode = args.mode or ("sde" if args.temperature > 0 else "table")
+    if args.temperature > 0 and args.mode not in (None, "sde", "thermal"):
+        ap.error(f"--temperature needs a thermal mode (thermal or sde), not --mode {args.mode}")
+    args.mode = args.mode or ("thermal" if args.temperature > 0 else "table")
     n_in, n_out = DATA_SHAPES[args.dataset]
     args.model = args.model or (n_in, 256, n_out)
     if args.model[0] != n_in or args.model[-1] != n_out:

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from mtjax import data, experiments
+from mtjax import data, experiments, fetch
 from mtjax.testing import py2_pickle, write_cifar100_python, write_idx
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -23,14 +23,20 @@ _REAL_LOAD_TFDS = data._load_tfds
 
 
 @pytest.fixture(autouse=True)
-def _isolate(monkeypatch):
-    """No env var, and tfds never touched unless a test asks for `real_tfds`."""
+def _isolate(tmp_path, monkeypatch):
+    """No env var, an empty download cache, no raw downloads (tests/test_fetch.py has them),
+    and tfds never touched unless a test asks for `real_tfds`."""
     monkeypatch.delenv(data.ENV_VAR, raising=False)
+    monkeypatch.setattr(fetch, "DEFAULT_CACHE_DIR", tmp_path / "download-cache")
 
     def no_tfds(*args, **kwargs):
         raise data._SourceUnavailable("disabled in tests")
 
+    def no_download(name, folder):
+        raise fetch.DownloadError("raw downloads disabled in tests")
+
     monkeypatch.setattr(data, "_load_tfds", no_tfds)
+    monkeypatch.setattr(data, "_download_raw", no_download)
 
 
 @pytest.fixture
@@ -208,12 +214,14 @@ def test_default_sources_listed(no_debian):
     assert [src.split(" ")[0] for src, _ in err.reasons] == [
         "data_dir",
         "Debian",
+        "download",
         "tensorflow-datasets",
     ]
     msg = str(err)
     for needle in (
         "not set",
         "absent",
+        "download-cache",
         "disabled in tests",
         "apt-get install dataset-fashion-mnist",
     ):
@@ -359,6 +367,7 @@ def test_train_script_cifar_without_data_fails_fast(tmp_path):
     """The real tfds path, no mocks: no local data and no --download is a quick clear error."""
     env = {k: v for k, v in os.environ.items() if k != data.ENV_VAR}
     env["TFDS_DATA_DIR"] = str(tmp_path / "tfds")
+    env["HOME"] = str(tmp_path / "home")  # an empty download cache
     env["PYTHONPATH"] = str(ROOT)
     out = tmp_path / "out"
     argv = ["--dataset", "cifar100", "--epochs", "1", "--no-progress", "--out", str(out)]
@@ -380,11 +389,12 @@ def test_train_script_cifar_without_data_fails_fast(tmp_path):
 
 @pytest.mark.parametrize("name,split", [("fashion_mnist", "train"), ("cifar100", "test")])
 @pytest.mark.parametrize("where", ["default", "folder"])
-def test_tfds_mock_data(real_tfds, no_debian, tmp_path, name, split, where):
+def test_tfds_mock_data(real_tfds, no_debian, tmp_path, monkeypatch, name, split, where):
     """The real tfds code path (builder -> download_and_prepare -> array_record data source),
     with tfds' own mock generating the examples."""
     n = 60
     kwargs = {"data_dir": tmp_path} if where == "folder" else {}
+    monkeypatch.setattr(data, "_tensorflow_available", lambda: True)  # tfds' mock prepares
     with real_tfds.testing.mock_data(num_examples=n):
         x, y = data.load(name, split, download=True, **kwargs)
         if name == "cifar100":
@@ -437,12 +447,15 @@ def test_tfds_not_prepared_without_download(real_tfds, tmp_path):
     importlib.util.find_spec("tensorflow") is not None, reason="TensorFlow installed"
 )
 def test_tfds_prepare_without_tensorflow_says_so(real_tfds, tmp_path, monkeypatch):
-    """Only the network is faked: tfds gets local IDX files instead of downloading them."""
+    """Without TensorFlow tfds is not even asked to download (preparing would fail after
+    it); the reason says so. Only the network is faked: tfds would get local IDX files."""
     raw = tmp_path / "raw"
     files = {f"{s}_{k}": write_idx(raw / f"{s}-{k}", np.zeros(3, np.uint8))
              for s in ("train", "test") for k in ("data", "labels")}  # fmt: skip
+    downloads = []
 
     def fake_download_and_extract(self, urls):
+        downloads.append(urls)
         return {k: str(files[k]) for k in urls}
 
     dm = real_tfds.download.DownloadManager
@@ -452,6 +465,8 @@ def test_tfds_prepare_without_tensorflow_says_so(real_tfds, tmp_path, monkeypatc
     with pytest.raises(data.DatasetNotFoundError, match="needs TensorFlow") as info:
         data.load("fashion_mnist", "train", data_dir=folder, download=True)
     assert "pip install tensorflow" in str(info.value)
+    assert f"not prepared in {folder / 'fashion_mnist'}" in str(info.value)
+    assert downloads == []
 
 
 # --------------------------------------------------------------------------- CIFAR-100

@@ -269,3 +269,20 @@ def test_bad_arguments():
         MTJActivation(mode="sde")(jnp.zeros(2))
     with pytest.raises(ValueError, match="solver"):
         MTJActivation(mode="sde", solver="rk4_scan")
+
+
+def test_imperfect_reset_offsets_the_response():
+    m0 = mtjax.sample_reset_states(jax.random.key(1), 4, 0.1)
+    assert float(jnp.std(m0[:, 0])) > 0.03
+    z = jnp.array([0.0, 0.0, 0.0, 0.0])
+    table = MTJActivation(PAPER, m0=m0)  # one shared device, four reset states
+    assert table.n_devices == 4
+    ode = MTJActivation(PAPER, m0=m0, mode="ode")
+    np.testing.assert_allclose(table(z), m0[:, 0], atol=1e-5)  # no drive, no field: m stays
+    zz = jnp.array([-1.0, -0.3, 0.4, 1.2])
+    np.testing.assert_allclose(table(zz), ode(zz), atol=1e-5)
+    assert float(jnp.max(jnp.abs(table(zz) - MTJActivation(PAPER)(zz)))) > 1e-3
+    with pytest.raises(ValueError, match="m0"):
+        MTJActivation(PAPER, m0=m0, mode="analytic")
+    with pytest.raises(ValueError, match="m0"):
+        MTJActivation(PAPER, m0=jnp.zeros(3))

@@ -18,6 +18,10 @@ Z = np.linspace(-2.5, 2.5, 9)
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
+# variation that keeps the closed form valid (mode="analytic" needs zero effective field)
+IDEAL_SPREAD = mtjax.Spreads(hk=0.0, h_bias=0.0)
+
+
 def _pulse(params, currents):
     """m after one pulse per current, straight from `pulse_response` (independent path)."""
     return np.asarray(jax.vmap(lambda c: mtjax.pulse_response(params, c))(jnp.asarray(currents)))
@@ -100,7 +104,7 @@ def test_response_errors():
         plot.response(mtjax.DeviceParams.paper(), x="volts")
     with pytest.raises(ValueError, match="derivative"):
         plot.response(mtjax.DeviceParams.paper(), z=Z, derivative="sech")
-    devs = mtjax.sample_devices(mtjax.DeviceParams.paper(), jax.random.key(0), 3)
+    devs = mtjax.sample_devices(mtjax.DeviceParams.paper(), jax.random.key(0), 3, IDEAL_SPREAD)
     with pytest.raises(ValueError, match="population"):
         plot.response(MTJActivation(devs, mode="analytic"), z=Z)
     with pytest.raises(ValueError, match="samples"):
@@ -135,7 +139,7 @@ def test_readout_histogram_counts_and_mean():
     with pytest.raises(ValueError, match="key"):
         plot.readout_histogram(act, 0.5, key=None)
     # per-neuron devices: every neuron of every read pooled
-    devs = mtjax.sample_devices(mtjax.DeviceParams.paper(), jax.random.key(2), 4)
+    devs = mtjax.sample_devices(mtjax.DeviceParams.paper(), jax.random.key(2), 4, IDEAL_SPREAD)
     act = MTJActivation(devs, mode="analytic", read_noise=0.02)
     ax = plot.readout_histogram(act, -1.0, key=jax.random.key(3), samples=50)
     assert [sum(b.get_height() for b in bars) for bars in ax.containers] == [200, 200]
@@ -156,7 +160,7 @@ def test_population_device_curves():
 
 
 def test_population_of_activation_p2():
-    devs = mtjax.sample_devices(mtjax.DeviceParams.paper(), jax.random.key(2), 4)
+    devs = mtjax.sample_devices(mtjax.DeviceParams.paper(), jax.random.key(2), 4, IDEAL_SPREAD)
     act = MTJActivation(devs, mode="analytic")
     ax = plot.population(act, z=Z, which="p2", x="current")
     assert len(ax.lines) == 4 + 1 and ax.lines[-1].get_label() == "sech(z)"

@@ -69,7 +69,7 @@ def test_train_script_both_activations(tmp_path, capsys):
         (["--model", "784-x-10"], "784-256-10"),
         (["--epochs", "0"], "must be >= 1"),
         (["--lr", "-1"], "--lr must be > 0"),
-        (["--temperature", "300", "--mode", "table"], "use --mode sde"),
+        (["--temperature", "300", "--mode", "table"], "needs a thermal mode"),
         (["--resume"], "--resume needs --out"),
         (["--variation", "-0.1"], "must be >= 0"),
         (["--model", "784-64-100"], "must start with 784 and end with 10"),
@@ -106,6 +106,14 @@ def _parse_error(argv, capsys) -> str:
 )
 def test_train_script_rejects_values(argv, message, capsys):
     assert message in _parse_error(argv, capsys)
+
+
+def test_temperature_picks_the_thermal_mode(tmp_path):
+    parse_args = runpy.run_path(str(ROOT / "scripts" / "train.py"))["parse_args"]
+    out = str(tmp_path / "o")
+    assert parse_args(["--temperature", "300", "--out", out]).mode == "thermal"
+    assert parse_args(["--temperature", "300", "--mode", "sde", "--out", out]).mode == "sde"
+    assert parse_args(["--out", out]).mode == "table"
 
 
 def test_train_script_checks_out_up_front(tmp_path, capsys):

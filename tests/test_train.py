@@ -130,6 +130,65 @@ def test_learns_writes_metrics_checkpoint_and_plot(tmp_path):
     assert train.plot_history(res.history, tmp_path / "h.png").stat().st_size > 1000
 
 
+def test_plot_history_draws_training_curves(tmp_path, monkeypatch):
+    history = [
+        {"event": "step", "step": 2, "epoch": 0, "train_loss": 2.0},
+        {"event": "step", "step": 4, "epoch": 0, "train_loss": 1.5},
+        {"event": "epoch", "step": 4, "epoch": 1, "train_loss": 1.6, "test_loss": 1.7,
+         "test_accuracy": 0.4},
+        {"event": "epoch", "step": 8, "epoch": 2, "train_loss": 1.1, "test_loss": 1.2,
+         "test_accuracy": 0.6},
+    ]  # fmt: skip
+    saved = {}
+    real_save = train.plot.save
+
+    def spy(fig_or_ax, path, dpi=120):
+        saved.update(axes=fig_or_ax, dpi=dpi)
+        return real_save(fig_or_ax, path, dpi=dpi)
+
+    monkeypatch.setattr(train.plot, "save", spy)
+    path = train.plot_history(history, tmp_path / "h.png")
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and saved["dpi"] == 100
+    ax_loss, ax_acc = saved["axes"]  # the two panels of mtjax.plot.training_curves
+    lines = {ln.get_label(): ln.get_xydata().tolist() for ln in ax_loss.lines}
+    assert lines == {
+        "train (logged steps)": [[2, 2.0], [4, 1.5]],
+        "train": [[4, 1.6], [8, 1.1]],
+        "test": [[4, 1.7], [8, 1.2]],
+    }
+    assert ax_acc.lines[0].get_xydata().tolist() == [[1, 40.0], [2, 60.0]]
+    assert "(%)" in ax_acc.get_ylabel()
+    with pytest.raises(ValueError, match="history"):
+        train.plot_history([], tmp_path / "empty.png")
+    with pytest.raises(ValueError, match="png"):
+        train.plot_history(history, tmp_path / "h.pdf")
+
+
+def test_progress_bars_do_not_warn_in_jupyter_without_ipywidgets():
+    """In a Jupyter kernel without ipywidgets `tqdm.auto` warns "IProgress not found" on
+    import; mtjax.train then uses the text bar (a kernel is faked as tqdm detects it)."""
+    code = """
+import importlib, sys, types, warnings
+import IPython
+sys.modules["ipykernel.zmqshell"] = types.ModuleType("ipykernel.zmqshell")  # "in a kernel"
+sys.modules["ipywidgets"] = None  # not importable
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    import mtjax.train, tqdm.std
+assert mtjax.train.tqdm is tqdm.std.tqdm, mtjax.train.tqdm
+assert not [w for w in caught if "IProgress" in str(w.message)], [str(w.message) for w in caught]
+for name in ("tqdm.auto", "tqdm.autonotebook"):  # control: tqdm.auto itself warns here
+    sys.modules.pop(name, None)
+with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    importlib.import_module("tqdm.auto")
+assert [w for w in caught if "IProgress" in str(w.message)], "fake kernel not detected"
+print("ok")
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 def test_evaluate_pads_last_batch_and_uses_key():
     model = make_net()
     x, y = TEST  # 100 examples: batches of 32 leave a padded batch of 4

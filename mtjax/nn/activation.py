@@ -30,6 +30,11 @@ Modes (same API, different fidelity and speed):
   over [-z_max, z_max] and evaluated by cubic Hermite interpolation (129 nodes; slopes from
   4th-order differences; max error vs "ode" ~1.5e-6). `rebuild()` recomputes the tables
   from the current params (differentiably).
+- "thermal": "table" plus thermal noise at table speed: the mean shift, standard deviations
+  and correlation of both read-outs after one pulse at the device's temperature
+  (linear-noise moment approximation, `mtjax.moments`; `build_noise_table`) are tabulated on
+  the same grid, and each evaluation draws one correlated Gaussian sample per neuron from
+  `key`. Equals "table" exactly at T = 0; valid while the thermal spread is small (README).
 - "analytic": closed form m.p1 = tanh(u), m.p2 = sech(u) cos(psi) with the per-device
   (u, psi) of `mtjax.pulse_angles` (per-device gain u/z = input_scale / I_s(device) and
   precession psi/u; no offset: the closed form assumes zero effective field).
@@ -59,7 +64,9 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from mtjax.analytic import closed_form_violations, current_scale, pulse_angles
+from mtjax.constants import TIME_UNIT
 from mtjax.integrators import steps_for, too_coarse
+from mtjax.moments import moments_scan
 from mtjax.params import DeviceParams
 from mtjax.physics import (
     rotation_rate_bound,
@@ -68,9 +75,11 @@ from mtjax.physics import (
     unit,
 )
 from mtjax.readout import mean_conductance, projection_from_conductance
-from mtjax.solve import SOLVERS, pulse_response
+from mtjax.solve import M_UP, SOLVERS, pulse_response
 
-MODES = ("ode", "sde", "table", "analytic", "ideal")
+MODES = ("ode", "sde", "table", "thermal", "analytic", "ideal")
+#: Modes whose evaluation is stochastic through the device (need a key at T > 0).
+THERMAL_MODES = ("sde", "thermal")
 DERIVATIVES = ("mz2", "mz", "autodiff")
 #: Fewest pulse steps of the "ode"/"table" (rk4_scan) and "sde" (heun_scan) modes. The
 #: count actually used is chosen at construction from the dynamics of every device over the
@@ -173,14 +182,48 @@ def hermite_eval(coef: Array, grid: TableGrid, z: Array) -> Array:
 
 
 class ResponseTable(eqx.Module):
-    """Piecewise-cubic response curves m.p1(z), m.p2(z) of one device or a batch.
+    """Piecewise-cubic response curves of one device or a batch.
 
-    `coef[..., i, k, :]` holds the cubic coefficients (c0, c1, c2, c3) of curve k (0: m.p1,
-    1: m.p2) on interval i of `grid`, in the local coordinate t in [0, 1]:
-    value = c0 + c1 t + c2 t^2 + c3 t^3."""
+    `coef[..., i, k, :]` holds the cubic coefficients (c0, c1, c2, c3) of curve k on interval
+    i of `grid`, in the local coordinate t in [0, 1]: value = c0 + c1 t + c2 t^2 + c3 t^3.
+    Curves: 0 m.p1, 1 m.p2 (noise-free); thermal tables add 2, 3 the mean shifts of m.p1,
+    m.p2, 4, 5 their standard deviations, 6 their correlation (`build_noise_table`)."""
 
-    coef: Float[Array, "*batch n_interval 2 4"]
+    coef: Float[Array, "*batch n_interval k 4"]
     grid: TableGrid
+
+    @property
+    def thermal(self) -> bool:
+        return self.coef.shape[-2] == 7
+
+
+def _reset_states(params: DeviceParams, m0, mode: str):
+    """(params, m0): m0 as unit vectors, (3,) shared or (n, 3) with params broadcast to n."""
+    if m0 is None:
+        m0 = jnp.asarray(M_UP, dtype=jnp.result_type(float))
+        return params, (
+            m0 if params.batch_shape == () else jnp.broadcast_to(m0, (*params.batch_shape, 3))
+        )
+    m0 = jnp.asarray(m0, dtype=jnp.result_type(float))
+    if m0.ndim not in (1, 2) or m0.shape[-1] != 3:
+        raise ValueError(f"m0: expected shape (3,) or (n, 3), got {m0.shape}")
+    traced = isinstance(m0, jax.core.Tracer)
+    if mode in ("analytic", "ideal") and (traced or not np.allclose(np.asarray(m0), M_UP)):
+        raise ValueError(f"m0: mode={mode!r} assumes the reset state +z")
+    norm = jnp.linalg.norm(m0, axis=-1, keepdims=True)
+    if not traced:
+        if not (np.all(np.isfinite(np.asarray(m0))) and np.all(np.asarray(norm) > 0)):
+            raise ValueError("m0: must hold finite non-zero vectors")
+    m0 = m0 / norm
+    if m0.ndim == 2:
+        n = m0.shape[0]
+        if params.batch_shape == ():
+            params = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), params)
+        elif params.batch_shape != (n,):
+            raise ValueError(f"m0: {n} reset states for a batch of {params.batch_shape} devices")
+    elif params.batch_shape:
+        m0 = jnp.broadcast_to(m0, (*params.batch_shape, 3))
+    return params, m0
 
 
 def _check_mode_args(mode, derivative, solver, steps, n_grid, z_max, read_noise):
@@ -234,11 +277,12 @@ def pulse_steps(
     return int(steps)
 
 
-def _pulse(params: DeviceParams, current, key, solver: str, steps: int):
-    """m.p1, m.p2 after one pulse of one device."""
+def _pulse(params: DeviceParams, current, key, solver: str, steps: int, m0=None):
+    """m.p1, m.p2 after one pulse of one device from `m0` (default +z)."""
     m = pulse_response(
-        params, current, key=key, solver=solver, steps=None if solver == "tsit5" else steps
-    )
+        params, current, m0=m0, key=key, solver=solver,
+        steps=None if solver == "tsit5" else steps,
+    )  # fmt: skip
     return jnp.stack([jnp.dot(m, unit(params.p1)), jnp.dot(m, unit(params.p2))])
 
 
@@ -251,30 +295,84 @@ def build_table(
     solver: str = "rk4_scan",
     steps: int | None = None,
     grid: TableGrid | None = None,
+    m0: Float[ArrayLike, "*batch 3"] | None = None,
 ) -> ResponseTable:
     """Tabulate m.p1(z), m.p2(z) of every device on a `TableGrid` over [-z_max, z_max].
 
     Pure and differentiable w.r.t. `params` and `input_scale` (call it inside a loss for
-    co-design). `grid` (default `TableGrid.for_devices`), `steps`: see `pulse_steps`."""
+    co-design). `grid` (default `TableGrid.for_devices`), `steps`: see `pulse_steps`.
+    `m0`: state each pulse starts from (default +z), one per device or shared."""
     input_scale = jnp.asarray(input_scale, dtype=jnp.result_type(float))
     if grid is None:
         grid = TableGrid.for_devices(params, input_scale, float(z_max), n_grid)
     steps = pulse_steps(params, grid.reach * input_scale, solver, steps, DEFAULT_ODE_STEPS)
-    return _build_table(params, input_scale, grid, solver, steps)
+    m0 = jnp.broadcast_to(jnp.asarray(M_UP if m0 is None else m0), (*params.batch_shape, 3))
+    return _build_table(params, input_scale, grid, solver, steps, m0)
 
 
 @eqx.filter_jit
-def _build_table(params, input_scale, grid: TableGrid, solver, steps):
+def _build_table(params, input_scale, grid: TableGrid, solver, steps, m0):
     zs = grid.nodes()
 
-    def one_device(p):
-        y = jax.vmap(lambda z: _pulse(p, z * input_scale, None, solver, steps))(zs)
+    def one_device(p, m):
+        y = jax.vmap(lambda z: _pulse(p, z * input_scale, None, solver, steps, m))(zs)
         return hermite_coefficients(y)
 
     fn = one_device
     for _ in params.batch_shape:
         fn = jax.vmap(fn)
-    return ResponseTable(coef=fn(params), grid=grid)
+    return ResponseTable(coef=fn(params, m0), grid=grid)
+
+
+def build_noise_table(
+    params: DeviceParams,
+    input_scale: Float[ArrayLike, ""],
+    grid: TableGrid,
+    *,
+    steps: int,
+    m0: Float[ArrayLike, "*batch 3"] | None = None,
+) -> Float[Array, "*batch n_interval 5 4"]:
+    """Thermal statistics of the two read-outs on `grid` (moment approximation,
+    `mtjax.moments`): cubic coefficients of the curves (mean shift of m.p1, of m.p2, std of
+    m.p1, std of m.p2, their correlation), layout as `ResponseTable.coef`. The variances
+    include the sphere's curvature term 1/2 (p.m)(q.m) tr(Sigma^2), the leading
+    contribution where the first-order one vanishes (m.p2 near z = 0). Exactly zero at
+    T = 0. Differentiable w.r.t. params and input_scale."""
+    input_scale = jnp.asarray(input_scale, dtype=jnp.result_type(float))
+    m0 = jnp.broadcast_to(jnp.asarray(M_UP if m0 is None else m0), (*params.batch_shape, 3))
+    return _build_noise_table(params, input_scale, grid, int(steps), m0)
+
+
+def _safe_sqrt(x):
+    pos = x > 0
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
+
+
+@eqx.filter_jit
+def _build_noise_table(params, input_scale, grid: TableGrid, steps, m0):
+    zs = grid.nodes()
+
+    def one_device(p, m_start):
+        t1n = p.pulse_duration / TIME_UNIT
+        pol = jnp.stack([unit(p.p1), unit(p.p2)])  # (2, 3)
+
+        def one_node(z):
+            c = torque_coefficients(p, jnp.stack([z * input_scale, jnp.zeros_like(z)]))
+            m, delta, sigma = moments_scan(c, m_start, t1n, steps)
+            pm = pol @ m
+            cov = pol @ sigma @ pol.T + 0.5 * jnp.outer(pm, pm) * jnp.sum(sigma * sigma)
+            s1, s2 = _safe_sqrt(cov[0, 0]), _safe_sqrt(cov[1, 1])
+            den = s1 * s2
+            rho = jnp.where(den > 0, cov[0, 1] / jnp.where(den > 0, den, 1.0), 0.0)
+            d1, d2 = pol @ delta
+            return jnp.stack([d1, d2, s1, s2, rho])
+
+        return hermite_coefficients(jax.vmap(one_node)(zs))
+
+    fn = one_device
+    for _ in params.batch_shape:
+        fn = jax.vmap(fn)
+    return fn(params, m0)
 
 
 class _Config(eqx.Module):
@@ -291,15 +389,18 @@ class _Config(eqx.Module):
 
 def _device_projections(cfg: _Config, dev, z: Array, sde_key, with_p2: bool):
     """Noise-free m.p1, m.p2 of every neuron (p2 may be None when not needed)."""
-    params, input_scale, table = dev
+    params, input_scale, table, m0 = dev
     if cfg.mode == "ideal":
         return jnp.tanh(z), (1 / jnp.cosh(z) if with_p2 else None)
     if cfg.mode == "analytic":
         u, psi = pulse_angles(params, z * input_scale)
         return jnp.tanh(u), (jnp.cos(psi) / jnp.cosh(u) if with_p2 else None)
-    if cfg.mode == "table":
+    if cfg.mode in ("table", "thermal"):
         y = hermite_eval(table.coef, table.grid, z)
-        return y[..., 0], (y[..., 1] if with_p2 else None)
+        p1, p2 = y[..., 0], y[..., 1]
+        if cfg.mode == "thermal" and sde_key is not None:  # no key: T = 0 (checked)
+            p1, p2 = _thermal_sample(y, p1, p2, sde_key)
+        return p1, (p2 if with_p2 else None)
     # "ode" / "sde": one solve per neuron
     shared = params.batch_shape == ()
     flat = z.reshape(-1) if shared else z
@@ -308,22 +409,36 @@ def _device_projections(cfg: _Config, dev, z: Array, sde_key, with_p2: bool):
     else:
         keys = None
 
-    def solve(p, zz, k):
-        return _pulse(p, zz * input_scale, k, cfg.solver, cfg.steps)
+    def solve(p, zz, k, m):
+        return _pulse(p, zz * input_scale, k, cfg.solver, cfg.steps, m)
 
     if cfg.chunk and flat.shape[0] > cfg.chunk:
         # lax.map over chunks of neurons (vmapped inside a chunk); under an outer jax.vmap
         # over examples a chunk also spans the batch.
         def solve_chunk(args):
-            p, zz, k = args
-            return solve(params if shared else p, zz, k)
+            zz, k, per = args
+            p, m = (params, m0) if shared else per
+            return solve(p, zz, k, m)
 
-        m = jax.lax.map(solve_chunk, (None if shared else params, flat, keys), batch_size=cfg.chunk)
+        per = None if shared else (params, m0)
+        m = jax.lax.map(solve_chunk, (flat, keys, per), batch_size=cfg.chunk)
     else:
-        in_axes = (None if shared else 0, 0, None if keys is None else 0)
-        m = jax.vmap(solve, in_axes=in_axes)(params, flat, keys)
+        in_axes = (None if shared else 0, 0, None if keys is None else 0, None if shared else 0)
+        m = jax.vmap(solve, in_axes=in_axes)(params, flat, keys, m0)
     p1, p2 = m[:, 0].reshape(z.shape), m[:, 1].reshape(z.shape)
     return p1, (p2 if with_p2 else None)
+
+
+def _thermal_sample(y, p1, p2, key):
+    """One correlated Gaussian draw of both read-outs around the noise-free table values;
+    `y` (*z, 7): the evaluated curves of a thermal `ResponseTable`."""
+    d1, d2, s1, s2, rho = jnp.moveaxis(y[..., 2:], -1, 0)
+    e1, e2 = jax.random.normal(key, (2, *p1.shape), p1.dtype)
+    rho = jnp.clip(rho, -1.0, 1.0)
+    s1, s2 = jnp.maximum(s1, 0.0), jnp.maximum(s2, 0.0)
+    p1 = p1 + d1 + s1 * e1
+    p2 = p2 + d2 + s2 * (rho * e1 + _safe_sqrt(1.0 - rho * rho) * e2)
+    return p1, p2
 
 
 def _read(params: DeviceParams, proj: Array, polarizer: int, read_noise: float, noise):
@@ -396,6 +511,7 @@ class MTJActivation(eqx.Module):
 
     params: DeviceParams
     input_scale: Float[Array, ""]
+    m0: Float[Array, "*batch 3"]
     table: ResponseTable | None
     mode: str = eqx.field(static=True)
     derivative: str = eqx.field(static=True)
@@ -421,6 +537,7 @@ class MTJActivation(eqx.Module):
         n_grid: int | None = None,
         chunk: int = DEFAULT_CHUNK,
         train_device: bool = False,
+        m0: Float[ArrayLike, "3"] | Float[ArrayLike, "n 3"] | None = None,
     ):
         """`params`: one device (shared by all neurons) or a batch (n,) of devices, one per
         neuron; default `DeviceParams.paper()`. `input_scale` (A per unit z): default
@@ -431,7 +548,9 @@ class MTJActivation(eqx.Module):
         device over the input range (`pulse_steps`), and too few raise. `n_grid`: table nodes
         (default: enough for the steepest device, see `TableGrid.for_devices`).
         `chunk`: "ode"/"sde" solve this many neurons at a time (`lax.map`; 0 = all).
-        `train_device`: let gradients reach params/input_scale (co-design)."""
+        `train_device`: let gradients reach params/input_scale (co-design). `m0`: the state
+        the free layer is reset to before each pulse (default +z): one (3,) for all neurons
+        or (n, 3), one per neuron (imperfect reset, e.g. `mtjax.sample_reset_states`)."""
         params = DeviceParams.paper() if params is None else params
         if not isinstance(params, DeviceParams):
             raise TypeError(f"params: expected DeviceParams, got {type(params).__name__}")
@@ -442,6 +561,9 @@ class MTJActivation(eqx.Module):
             )
         if solver is None:
             solver = "heun_scan" if mode == "sde" else "rk4_scan"
+        if mode == "thermal" and solver != "rk4_scan":
+            raise ValueError(f"solver: mode='thermal' integrates with 'rk4_scan', got {solver!r}")
+        params, m0 = _reset_states(params, m0, mode)
         z_max, read_noise = float(z_max), float(read_noise)
         _check_mode_args(mode, derivative, solver, steps, n_grid, z_max, read_noise)
         if mode == "analytic" and (bad := closed_form_violations(params)):
@@ -461,6 +583,7 @@ class MTJActivation(eqx.Module):
         steps = pulse_steps(params, grid.reach * input_scale, solver, steps, floor)
         self.params = params
         self.input_scale = input_scale
+        self.m0 = m0
         self.mode = mode
         self.derivative = derivative
         self.z_max = z_max
@@ -472,11 +595,7 @@ class MTJActivation(eqx.Module):
             raise ValueError(f"chunk: must be an integer >= 0, got {chunk!r}")
         self.chunk = int(chunk)
         self.train_device = bool(train_device)
-        self.table = None
-        if mode == "table":
-            self.table = build_table(
-                params, input_scale, solver=solver, steps=self.steps, grid=grid
-            )
+        self.table = self._tables() if mode in ("table", "thermal") else None
 
     @property
     def n_devices(self) -> int | None:
@@ -493,15 +612,35 @@ class MTJActivation(eqx.Module):
         """Driver saturation current I_max = z_max * input_scale (A)."""
         return self.z_max * self.input_scale
 
+    def _tables(self) -> ResponseTable:
+        table = build_table(
+            self.params, self.input_scale, solver=self.solver, steps=self.steps, grid=self.grid,
+            m0=self.m0,
+        )  # fmt: skip
+        if self.mode == "thermal":
+            noise = build_noise_table(
+                self.params, self.input_scale, self.grid, steps=self.steps, m0=self.m0
+            )
+            table = ResponseTable(jnp.concatenate([table.coef, noise], axis=-2), table.grid)
+        return table
+
     def rebuild(self) -> MTJActivation:
         """Copy with the tables recomputed from the current params and input_scale
-        (differentiable: call inside a loss for co-design). No-op unless mode == "table"."""
-        if self.mode != "table":
+        (differentiable: call inside a loss for co-design). No-op unless the mode is
+        "table" or "thermal"."""
+        if self.mode not in ("table", "thermal"):
             return self
-        table = build_table(
-            self.params, self.input_scale, solver=self.solver, steps=self.steps, grid=self.grid
-        )
-        return eqx.tree_at(lambda a: a.table, self, table)
+        return eqx.tree_at(lambda a: a.table, self, self._tables())
+
+    @property
+    def stochastic(self) -> bool:
+        """True when an evaluation needs a PRNG key (read noise, or thermal noise)."""
+        if self.read_noise > 0 or self.mode == "sde":
+            return True
+        if self.mode != "thermal":
+            return False
+        t = self.params.temperature
+        return isinstance(t, jax.core.Tracer) or bool(np.any(np.asarray(t) > 0))
 
     def _prepare(self, z, key):
         z = jnp.asarray(z)
@@ -513,8 +652,8 @@ class MTJActivation(eqx.Module):
                 f"z: shape {z.shape} does not match the {n} per-neuron devices; expected ({n},)"
                 " (map over a batch with jax.vmap)"
             )
-        if self.mode == "sde" and key is None:
-            raise ValueError("key: mode='sde' (thermal) needs a PRNG key")
+        if self.mode in THERMAL_MODES and key is None and self.stochastic:
+            raise ValueError(f"key: mode={self.mode!r} (thermal noise) needs a PRNG key")
         if self.read_noise > 0 and key is None:
             raise ValueError(f"key: read_noise={self.read_noise} > 0 needs a PRNG key")
         z = eqx.error_if(
@@ -523,11 +662,11 @@ class MTJActivation(eqx.Module):
         # driver saturation: flat (zero gradient) strictly beyond +-z_max
         z = jnp.where(jnp.abs(z) <= self.z_max, z, jnp.sign(z) * self.z_max)
         noise, sde_key = None, None
-        if key is not None and (self.read_noise > 0 or self.mode == "sde"):
+        if key is not None and (self.read_noise > 0 or self.mode in THERMAL_MODES):
             k_noise, sde_key = jax.random.split(key)
             if self.read_noise > 0:
                 noise = jax.random.normal(k_noise, (2,) + z.shape, z.dtype)
-        dev = (self.params, self.input_scale, self.table)
+        dev = (self.params, self.input_scale, self.table, self.m0)
         if not self.train_device:
             dev = jax.lax.stop_gradient(dev)
         cfg = _Config(

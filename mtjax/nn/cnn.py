@@ -9,7 +9,8 @@
 
 Images are ONE example of shape (H, W, C) (channels-last, as `mtjax.data` gives); they are
 transposed to Equinox's channels-first layout inside. Use `jax.vmap` for batches.
-`mtjax.nn.deploy` swaps the activations of all three model types and keeps every weight.
+`SmallCNN` and `HeadedClassifier` swap their activations with `with_activations` (what
+`mtjax.nn.deploy` calls) and keep every weight; `ResNetFeatures` has none to swap.
 """
 
 from __future__ import annotations
@@ -124,6 +125,20 @@ class SmallCNN(eqx.Module):
             x = act(x, key=k) if isinstance(act, MTJActivation) else act(x)
             x = _avg_pool2(x)
         return self.head(x, key=keys[n])
+
+    def with_activations(
+        self,
+        activation: Activation | Sequence[Activation],
+        *,
+        conv_activation: Activation | Sequence[Activation] | None = None,
+    ) -> SmallCNN:
+        """The same weights with `activation` for the head and, unless `conv_activation` is
+        given, for the conv layers too (see `mtjax.nn.deploy`)."""
+        conv = activation if conv_activation is None else conv_activation
+        what = "activation" if conv_activation is None else "conv_activation"
+        conv_acts = _conv_activations(conv, len(self.convs), what)
+        model = eqx.tree_at(lambda m: m.head, self, self.head.with_activations(activation))
+        return eqx.tree_at(lambda m: m.conv_activations, model, conv_acts)
 
 
 def _avg_pool2(x: Float[Array, "C H W"]) -> Float[Array, "C H//2 W//2"]:
@@ -246,6 +261,18 @@ class HeadedClassifier(eqx.Module):
     ) -> Float[Array, " n_classes"]:
         """Logits for one image."""
         return self.head(self.features(x), key=key)
+
+    def with_activations(
+        self,
+        activation: Activation | Sequence[Activation],
+        *,
+        conv_activation: Activation | Sequence[Activation] | None = None,
+    ) -> HeadedClassifier:
+        """The same weights with `activation` for the head's hidden layers; the features are
+        untouched (see `mtjax.nn.deploy`). `conv_activation` must be None."""
+        if conv_activation is not None:
+            raise ValueError("conv_activation: a HeadedClassifier only deploys its head")
+        return eqx.tree_at(lambda m: m.head, self, self.head.with_activations(activation))
 
 
 def cifar_model(

@@ -1,5 +1,5 @@
-"""Models with MTJ (or software) activations: `MLP`, `deploy` (also for the models of
-`mtjax.nn.cnn`), and training helpers.
+"""Models with MTJ (or software) activations: `MLP`, `deploy` (any model with a
+`with_activations` method, e.g. those of `mtjax.nn.cnn`), and training helpers.
 
 Like every Equinox module here, a model maps ONE example; use `jax.vmap` for batches.
 """
@@ -82,6 +82,20 @@ class MLP(eqx.Module):
             x = act(x, key=k) if isinstance(act, MTJActivation) else act(x)
         return self.layers[-1](x)
 
+    def with_activations(
+        self,
+        activation: Activation | Sequence[Activation],
+        *,
+        conv_activation: Activation | Sequence[Activation] | None = None,
+    ) -> MLP:
+        """The same weights with `activation` (one, or one per hidden layer) as the hidden
+        activations. Per-neuron devices must match the layer widths. `conv_activation` is
+        accepted for a uniform `deploy` signature and must be None."""
+        if conv_activation is not None:
+            raise ValueError("conv_activation: an MLP has no conv layers")
+        widths = [layer.out_features for layer in self.layers[:-1]]
+        return eqx.tree_at(lambda m: m.activations, self, _per_layer(activation, widths))
+
 
 def deploy(
     model: PyTree,
@@ -90,7 +104,8 @@ def deploy(
     conv_activation: Activation | Sequence[Activation] | None = None,
 ) -> PyTree:
     """The same weights with a different activation (e.g. software tanh -> `MTJActivation`):
-    the transfer-learning entry point. Dispatches on the model type:
+    the transfer-learning entry point. Calls `model.with_activations(activation,
+    conv_activation=conv_activation)`, which every mtjax model with swappable activations has:
 
     - `MLP`: `activation` (one, or one per hidden layer) replaces its hidden activations.
       Per-neuron devices must match the layer widths.
@@ -102,27 +117,13 @@ def deploy(
       per-neuron devices for the head with `conv_activation=` a shared one.
 
     `conv_activation` is only accepted for `SmallCNN`. Every weight leaf is kept as is."""
-    from mtjax.nn.cnn import HeadedClassifier, SmallCNN, _conv_activations
-
-    if isinstance(model, MLP):
-        if conv_activation is not None:
-            raise ValueError("conv_activation: an MLP has no conv layers")
-        widths = [layer.out_features for layer in model.layers[:-1]]
-        return eqx.tree_at(lambda m: m.activations, model, _per_layer(activation, widths))
-    if isinstance(model, HeadedClassifier):
-        if conv_activation is not None:
-            raise ValueError("conv_activation: a HeadedClassifier only deploys its head")
-        return eqx.tree_at(lambda m: m.head, model, deploy(model.head, activation))
-    if isinstance(model, SmallCNN):
-        conv = activation if conv_activation is None else conv_activation
-        what = "activation" if conv_activation is None else "conv_activation"
-        conv_acts = _conv_activations(conv, len(model.convs), what)
-        model = eqx.tree_at(lambda m: m.head, model, deploy(model.head, activation))
-        return eqx.tree_at(lambda m: m.conv_activations, model, conv_acts)
-    raise TypeError(
-        f"deploy: unsupported model type {type(model).__name__}; expected MLP, "
-        "HeadedClassifier or SmallCNN"
-    )
+    swap = getattr(model, "with_activations", None)
+    if not callable(swap):
+        raise TypeError(
+            f"deploy: unsupported model type {type(model).__name__}; expected a model with a "
+            "`with_activations` method (MLP, HeadedClassifier or SmallCNN)"
+        )
+    return swap(activation, conv_activation=conv_activation)
 
 
 def _is_mtj(x) -> bool:
@@ -149,6 +150,7 @@ def trainable(model: PyTree) -> PyTree:
         if _is_mtj(x):
             on = x.train_device
             filt = jax.tree_util.tree_map(lambda leaf: on and eqx.is_array(leaf), x)
+            filt = eqx.tree_at(lambda a: a.m0, filt, False)  # the reset state is not designed
             if x.table is not None:
                 filt = eqx.tree_at(
                     lambda a: a.table, filt, jax.tree_util.tree_map(lambda _: False, x.table)

@@ -1,0 +1,157 @@
+"""The "thermal" neuron mode: moment (linear-noise) statistics vs oracles and the SDE."""
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import mtjax
+from mtjax.constants import GAMMA0, KB, MU0
+from mtjax.moments import pulse_moments
+from mtjax.nn import MTJActivation, TableGrid
+from mtjax.nn.activation import build_noise_table, hermite_eval
+
+PAPER = mtjax.DeviceParams.paper()
+Z13 = np.linspace(-3.0, 3.0, 13)
+
+
+def _diffusion(p):
+    """D = alpha gamma0 kB T / (mu0 Ms V) (1/s)."""
+    return float(p.alpha * GAMMA0 * KB * p.temperature / (MU0 * p.Ms * p.volume))
+
+
+def test_zero_temperature_equals_table_exactly():
+    cold = PAPER.replace(temperature=0.0)
+    table, thermal = MTJActivation(cold), MTJActivation(cold, mode="thermal")
+    z = jnp.linspace(-6.5, 6.5, 301)
+    np.testing.assert_array_equal(thermal(z), table(z))
+    np.testing.assert_array_equal(thermal(z, key=jax.random.key(0)), table(z))
+    np.testing.assert_array_equal(thermal.read(z)[1], table.read(z)[1])
+    assert not thermal.stochastic and MTJActivation(PAPER, mode="thermal").stochastic
+    with pytest.raises(ValueError, match="key"):
+        MTJActivation(PAPER, mode="thermal")(z)
+
+
+def test_small_noise_closed_form_of_the_ideal_device():
+    # first order in D: var m_x = 2 D tau sech^4 u [1/2 + sinh(2u)/(4u)] / (1 + alpha^2)
+    with jax.enable_x64(True):
+        p0 = mtjax.DeviceParams.paper()
+        i_s = mtjax.current_scale(p0)
+        u = jnp.array([1e-3, 0.3, 0.7, 1.0, 1.5, 2.0, 3.0])
+        cov = jax.vmap(lambda x: pulse_moments(p0, x * i_s, steps=60).cov)(u)
+        d_tau = _diffusion(p0) * 1e-9 / (1 + 0.01**2)
+        var = 2 * d_tau / np.cosh(u) ** 4 * (0.5 + np.sinh(2 * u) / (4 * u))
+        np.testing.assert_allclose(cov[:, 0, 0], var, rtol=1e-3)  # alpha u precession: 1e-4
+        # the table adds the sphere-curvature term 1/2 (m.p1)^2 tr(Sigma^2), O(D^2)
+        grid = TableGrid.for_devices(p0, i_s, 6.0)
+        std = hermite_eval(build_noise_table(p0, i_s, grid, steps=60), grid, u)[:, 2]
+        mx = np.tanh(u)
+        curv = 0.5 * mx**2 * jnp.einsum("nij,nji->n", cov, cov)
+        np.testing.assert_allclose(std**2, cov[:, 0, 0] + curv, rtol=1e-5)
+        assert float(jnp.max(curv / cov[:, 0, 0])) > 0.05  # the term matters at saturation
+
+
+@pytest.mark.parametrize(
+    "name,params",
+    [
+        ("50 nm", PAPER),
+        ("20 nm", PAPER.replace(diameter_x=20e-9, diameter_y=20e-9)),
+        ("xi 0.2, hk 2e3", PAPER.replace(xi1=0.2, hk=2e3)),
+    ],
+)
+def test_statistics_match_the_sde(name, params):
+    n = 4096
+    i_s = float(mtjax.current_scale(params))
+    act = MTJActivation(params, mode="thermal")
+    # reference: heun_scan at 1 ps (dt-converged: 0.5 ps changes nothing at this n)
+    currents = jnp.repeat(jnp.asarray(Z13) * i_s, n)
+    ms = mtjax.pulse_ensemble(params, currents, key=jax.random.key(11), steps=1000)
+    ref = np.asarray(ms).reshape(13, n, 3)[..., [0, 2]]  # m.p1 = m_x, m.p2 = m_z
+    keys = jax.random.split(jax.random.key(12), n)
+    zz = jnp.broadcast_to(jnp.asarray(Z13), (n, 13))
+    got = eqx.filter_jit(lambda z: jax.vmap(lambda zi, k: jnp.stack(act.read(zi, key=k)))(z, keys))(
+        zz
+    )
+    got = np.transpose(np.asarray(got), (2, 0, 1))  # (n, 2, 13) -> (13 z, n, 2 read-outs)
+    se = ref.std(1) / np.sqrt(n)
+    assert np.all(np.abs(got.mean(1) - ref.mean(1)) <= 3 * se + 2e-3), name
+    np.testing.assert_allclose(got.std(1), ref.std(1), rtol=0.1, err_msg=name)
+    corr = lambda a: np.array([np.corrcoef(a[i].T)[0, 1] for i in range(13)])
+    assert np.all(np.abs(corr(got) - corr(ref)) <= 0.1), name
+
+
+def test_tabulated_std_gradients_match_finite_differences():
+    with jax.enable_x64(True):
+        p0 = mtjax.DeviceParams.paper()  # float64 leaves: FD steps keep one compiled loss
+        i_s = mtjax.current_scale(p0)
+        grid = TableGrid(z_max=3.0, n_grid=13, z0=1.0)  # small grid: one reverse pass
+        z = jnp.array([0.0, 0.8, 2.0])
+
+        def stds(p):
+            return hermite_eval(build_noise_table(p, i_s, grid, steps=20), grid, z)[:, 2:4]
+
+        w = jnp.array([[1.0, 0.5], [-0.7, 2.0], [0.3, 1.1]])
+        loss = jax.jit(lambda p: jnp.sum(w * stds(p)))
+        grads = jax.jit(jax.grad(loss))(p0)
+        for name in ("diameter_x", "thickness", "Ms", "alpha", "pulse_duration", "temperature"):
+            v = float(getattr(p0, name))
+            h = 1e-4 * v
+            fd = (loss(p0.replace(**{name: v + h})) - loss(p0.replace(**{name: v - h}))) / (2 * h)
+            assert abs(float(getattr(grads, name)) / float(fd) - 1) < 1e-3, name
+
+
+def test_moments_jacobian_and_hessian_terms_match_autodiff():
+    # the closed-form J and H : Sigma of mtjax.moments against jax autodiff of the torque
+    from mtjax.moments import _moment_rhs
+    from mtjax.physics import torque, torque_coefficients
+
+    with jax.enable_x64(True):
+        p = mtjax.DeviceParams.paper(
+            hk=3e4, hk_axis=(1, 1, 0), demag=(0.1, 0.2, 0.7), h_bias=(1e3, -2e3, 5e3),
+            lambda1=1.7, lambda2=0.6, xi1=0.3, xi2=-0.2, alpha=0.05,
+        )  # fmt: skip
+        c = torque_coefficients(p, jnp.array([1.1e-4, -0.7e-4]))
+        f = lambda x: 1e-9 * torque(c, x)
+        m = jnp.array([0.3, -0.5, 0.81])
+        a = jax.random.normal(jax.random.key(0), (3, 3))
+        sigma = a @ a.T * 1e-3
+        delta = jnp.array([0.01, -0.02, 0.005])
+        _, d_delta, d_sigma = _moment_rhs(c, (m, delta, sigma))
+        jac = jax.jacfwd(f)(m)
+        hess = jax.jacfwd(jax.jacfwd(f))(m)
+        bbt, ito = _moment_rhs(c, (m, 0 * delta, 0 * sigma))[1:][::-1]
+        np.testing.assert_allclose(d_sigma - bbt, jac @ sigma + sigma @ jac.T, rtol=1e-10)
+        expect = jac @ delta + 0.5 * jnp.einsum("ijk,jk->i", hess, sigma)
+        np.testing.assert_allclose(d_delta - ito, expect, rtol=1e-10, atol=1e-15)
+        # Ito drift from the diffusion matrix of the thermal torque, by autodiff
+        from mtjax.solve import noise_ns
+
+        bmat = lambda x: jax.jacfwd(lambda dw: noise_ns(c, x, dw))(jnp.zeros(3))
+        ito_ad = 0.5 * jnp.einsum("ijk,kj->i", jax.jacfwd(bmat)(m), bmat(m))
+        np.testing.assert_allclose(ito, ito_ad, rtol=1e-10)
+        np.testing.assert_allclose(bbt, bmat(m) @ bmat(m).T, rtol=1e-10)
+
+
+def test_pulse_moments_single_device_api():
+    mo = pulse_moments(PAPER, 0.0, steps=20)
+    d_tau = _diffusion(PAPER) * 1e-9 / (1 + 0.01**2)
+    np.testing.assert_allclose(mo.cov[0, 0], 2 * d_tau, rtol=1e-5)
+    np.testing.assert_allclose(mo.mean[2], 1 - 2 * d_tau, rtol=1e-5)  # |m| = 1 on average
+    with pytest.raises(ValueError, match="constant drive"):
+        pulse_moments(PAPER, lambda t: jnp.zeros(2), steps=20)
+
+
+@pytest.mark.parametrize("mode", ["sde", "thermal"])
+def test_neuron_thermal_noise_has_the_right_strength(mode):
+    # read noise off: the spread at z = 0 is thermal only, std(m_x) = sqrt(2 D tau/(1+a^2))
+    for diameter in (50e-9, 25e-9):
+        p = PAPER.replace(diameter_x=diameter, diameter_y=diameter)
+        act = MTJActivation(p, mode=mode)
+        keys = jax.random.split(jax.random.key(3), 4096)
+        y = eqx.filter_jit(lambda a, ks: jax.vmap(lambda k: a(jnp.zeros(4), key=k))(ks))(act, keys)
+        expected = np.sqrt(2 * _diffusion(p) * 1e-9 / (1 + 0.01**2))
+        # 16384 samples: the std is known to ~0.6 % (1 sigma)
+        np.testing.assert_allclose(float(jnp.std(y)), expected, rtol=0.03)
+        cold = MTJActivation(p.replace(temperature=0.0), mode=mode)
+        assert float(jnp.std(cold(jnp.zeros(4), key=keys[0]))) == 0.0
