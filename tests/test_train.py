@@ -517,11 +517,10 @@ def test_load_run_rebuilds_the_model(tmp_path):
     x, y = TRAIN
     flat = (x.reshape(len(x), -1), y)
     test = (TEST[0].reshape(len(TEST[0]), -1), TEST[1])
-    spec = experiments.RunSpec(
-        sizes=(64, 16, 10), activation="mtj", epochs=1, batch_size=64, lr=1e-2, seed=5
-    )
-    _, res = experiments.run(spec, flat, test, out_dir=tmp_path / "mtj", progress=False)
-    model, header = train.load_run(tmp_path / "mtj")
+    # (MTJ neurons: tests/test_scripts.py, through scripts/train.py)
+    spec = experiments.RunSpec(sizes=(64, 16, 10), epochs=1, batch_size=64, lr=1e-2, seed=5)
+    _, res = experiments.run(spec, flat, test, out_dir=tmp_path / "tanh", progress=False)
+    model, header = train.load_run(tmp_path / "tanh")
     assert header["model_builder"] == experiments.MODEL_BUILDER and header["step"] == 4
     assert_tree_equal(model, res.model)
     assert jax.tree.structure(model) == jax.tree.structure(res.model)  # static parts too
