@@ -1,7 +1,10 @@
 """Energy and latency per activation and per inference (`mtjax.energy`) against closed forms,
 an independent trajectory integral, finite differences and explicit per-neuron sums."""
 
+import json
 import math
+import runpy
+from pathlib import Path
 
 import equinox as eqx
 import jax
@@ -276,3 +279,18 @@ def test_bad_inputs_raise_clear_errors():
         E.network_energy(mtj, jnp.zeros((2, 3)), method="exact")
     with pytest.raises(Exception, match="no damping-like torque"):
         E.activation_energy(PAPER.replace(eta2=0.0), I_S)
+
+
+def test_energy_report_script_quick(tmp_path):
+    # The script behind README's numbers runs and writes consistent JSON (smoke run).
+    main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "energy_report.py"))
+    report = main["main"](["--quick", "--no-progress", "--out", str(tmp_path)])
+    saved = json.loads((tmp_path / "energy.json").read_text())
+    assert saved["network"]["mtj_accuracy"] == pytest.approx(report["network"]["mtj_accuracy"])
+    assert saved["network"]["software_accuracy"] > 0.6
+    for r in saved["network"]["per_inference"].values():
+        assert r["total_J"] == pytest.approx(r["write_J"] + r["read_J"] + r["reset_J"], rel=1e-5)
+        assert r["n_neurons"] == 256
+    rows = saved["per_activation"]["resets"]["fixed, 1 ns (default)"]
+    assert [r["write"] for r in rows][0] == 0.0
+    assert all(r["residual_angle"] <= 0.01 for r in rows)
