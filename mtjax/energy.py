@@ -15,8 +15,8 @@ One activation (one neuron, one evaluation) is three phases, all in SI units (J,
    torque gives tan(theta/2) = tan(theta0/2) exp(-u) exactly, so the amplitude is
    I2 = u_r / (du/dI2) with u_r = ln(tan(theta_start/2) / tan(eps/2)) (5.30 for the
    defaults) and du/dI2 the damping-like rotation per ampere over `duration` through P2
-   (`rotation_per_amp`; 1 / I2 = `current_scale` at duration = pulse_duration for P1-like
-   P2). The pulse is then simulated from the actual post-write state: E_reset = integral
+   (`rotation_per_amp`; for the paper device, eta2 = eta1 and a 1 ns reset, I2 = 5.30 I_s =
+   449 uA). The pulse is then simulated from the actual post-write state: E_reset = integral
    of I2^2 R2(m(t)) dt; `residual_angle` is the angle between the final m and +z (<= eps
    for the ideal device). `adaptive=True`: the amplitude uses the state's own angle to +p2
    (read by the P2 junction) instead of `theta_start` (zero when already within eps).
