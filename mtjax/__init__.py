@@ -1,14 +1,15 @@
 """mtjax: differentiable physics of dual-polarizer magnetic tunnel junction neurons in JAX.
 
 Layers (imports point down): constants/params/variation/sharding -> physics ->
-integrators/solve/ensemble -> readout/analytic -> nn -> plot -> fetch -> data/train/distill ->
-experiments/paper -> scripts.
+integrators/solve/ensemble/moments -> readout/analytic -> nn -> energy/plot -> fetch ->
+data/train/distill -> experiments/findings -> scripts.
 """
 
 from mtjax import (
     constants,
     data,
     distill,
+    energy,
     fetch,
     nn,
     physics,
@@ -19,6 +20,14 @@ from mtjax import (
     variation,
 )
 from mtjax.analytic import analytic_response, current_scale, pulse_angles
+from mtjax.energy import (
+    EnergyBreakdown,
+    NetworkEnergy,
+    ResetModel,
+    activation_energy,
+    energy_table,
+    network_energy,
+)
 from mtjax.ensemble import pulse_ensemble
 from mtjax.params import DeviceParams
 from mtjax.solve import Trajectory, pulse_response, simulate
@@ -26,14 +35,21 @@ from mtjax.variation import Spreads, sample_devices, sample_reset_states
 
 __all__ = [
     "DeviceParams",
+    "EnergyBreakdown",
+    "NetworkEnergy",
+    "ResetModel",
     "Spreads",
     "Trajectory",
+    "activation_energy",
     "analytic_response",
     "constants",
     "current_scale",
     "data",
     "distill",
+    "energy",
+    "energy_table",
     "fetch",
+    "network_energy",
     "nn",
     "physics",
     "plot",
