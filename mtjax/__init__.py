@@ -6,6 +6,7 @@ data/train/distill -> experiments/findings -> scripts.
 """
 
 from mtjax import (
+    codesign,
     constants,
     data,
     distill,
@@ -31,10 +32,17 @@ from mtjax.energy import (
 from mtjax.ensemble import pulse_ensemble
 from mtjax.params import DeviceParams
 from mtjax.solve import Trajectory, pulse_response, simulate
-from mtjax.variation import Spreads, sample_devices, sample_reset_states
+from mtjax.variation import (
+    Deviations,
+    Spreads,
+    sample_deviations,
+    sample_devices,
+    sample_reset_states,
+)
 
 __all__ = [
     "DeviceParams",
+    "Deviations",
     "EnergyBreakdown",
     "NetworkEnergy",
     "ResetModel",
@@ -42,6 +50,7 @@ __all__ = [
     "Trajectory",
     "activation_energy",
     "analytic_response",
+    "codesign",
     "constants",
     "current_scale",
     "data",
@@ -57,6 +66,7 @@ __all__ = [
     "pulse_ensemble",
     "pulse_response",
     "readout",
+    "sample_deviations",
     "sample_devices",
     "sample_reset_states",
     "sharding",

@@ -61,7 +61,7 @@ from mtjax.nn.activation import (
     hermite_eval,
 )
 from mtjax.nn.cnn import HeadedClassifier
-from mtjax.nn.models import MLP
+from mtjax.nn.models import MLP, apply_activation
 from mtjax.params import DeviceParams
 from mtjax.physics import (
     gamma0,
@@ -646,7 +646,7 @@ def _network_parts(mlp: MLP, features, layers, x, keys, batch_size):
             else:
                 e = lay(_clip(z, act.z_max))
                 out.append(jnp.stack([jnp.sum(e.write), jnp.sum(e.reset), jnp.sum(e.read)]))
-            h = act(z, key=kk) if isinstance(act, MTJActivation) else act(z)
+            h = apply_activation(act, z, kk)
         return jnp.stack(out)
 
     if batch_size is None:

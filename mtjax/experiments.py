@@ -11,6 +11,7 @@ unless the spec asks for the reference `mode="sde"`.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 from collections.abc import Sequence
 from pathlib import Path
@@ -21,13 +22,15 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from mtjax import codesign
 from mtjax import data as _data
 from mtjax import plot as _plot
 from mtjax import train as _train
 from mtjax.analytic import current_scale
+from mtjax.codesign import Design, DesignedMTJ, DesignSchedule, DesignSpace, joint_optimizer
 from mtjax.nn import MLP, MTJActivation, deploy, trainable
 from mtjax.params import DeviceParams
-from mtjax.variation import Spreads, sample_devices
+from mtjax.variation import Spreads, sample_deviations
 
 DATASETS = ("fashion_mnist", "cifar100")
 ACTIVATIONS = ("tanh", "mtj")
@@ -51,6 +54,9 @@ class RunSpec:
     temperature: float = 0.0
     train_subset: int | None = None
     test_subset: int | None = None
+    train_device: tuple[str, ...] = ()
+    design_lr: float = 0.05
+    design_every: int = 1
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -64,15 +70,26 @@ class RunSpec:
             if not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}: must be finite and >= 0, got {value}")
         self.config()  # epochs, batch_size, lr, seed: ValueError naming the field
+        if self.train_device:
+            if self.activation != "mtj":
+                raise ValueError("train_device: only MTJ neurons have a device to design")
+            DesignSpace(free=self.train_device)  # ValueError naming an unknown variable
+            if not (np.isfinite(self.design_lr) and self.design_lr > 0):
+                raise ValueError(f"design_lr: must be finite and > 0, got {self.design_lr}")
+            DesignSchedule(every=self.design_every)
 
     def run_info(self) -> dict[str, Any]:
         """Everything that defines the run, for `mtjax.train.train(run_info=...)`."""
         return dataclasses.asdict(self)
 
     def config(self) -> _train.TrainConfig:
+        optimizer = "adam"
+        if self.train_device:
+            optimizer = functools.partial(joint_optimizer, design_lr=self.design_lr)
         return _train.TrainConfig(
-            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed
-        )
+            epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
+            optimizer=optimizer,
+        )  # fmt: skip
 
 
 def load_arrays(
@@ -100,12 +117,19 @@ def make_activation(spec: RunSpec, width: int, key: jax.Array):
     if spec.activation == "tanh":
         return jnp.tanh
     nominal = DeviceParams.paper(temperature=spec.temperature)
-    params = nominal
+    deviations = None
     if spec.variation > 0:
         spreads = Spreads.relative(
             spec.variation, distribution="normal" if spec.variation < 1 / 3 else "lognormal"
         )
-        params = sample_devices(nominal, key, width, spreads)
+        deviations = sample_deviations(key, width, spreads)
+    if spec.train_device:
+        design = Design(nominal, DesignSpace(free=spec.train_device))
+        return DesignedMTJ(
+            design, deviations=deviations, mode=neuron_mode(spec), derivative=spec.derivative,
+            read_noise=spec.read_noise,
+        )  # fmt: skip
+    params = nominal if deviations is None else deviations.apply(nominal)
     return MTJActivation(
         params,
         mode=neuron_mode(spec),
@@ -144,7 +168,9 @@ def model_from_run_info(run_info: dict[str, Any]) -> MLP:
     from JSON): the untrained template `mtjax.train.load_run` fills."""
     if not isinstance(run_info, dict):
         raise ValueError(f"run_info must be a RunSpec dict, got {type(run_info).__name__}")
-    return make_model(RunSpec(**{**run_info, "sizes": tuple(run_info["sizes"])}))
+    fields = {**run_info, "sizes": tuple(run_info["sizes"])}
+    fields["train_device"] = tuple(fields.get("train_device", ()))
+    return make_model(RunSpec(**fields))
 
 
 def run(
@@ -183,6 +209,7 @@ def run(
         filter_spec=trainable(model),
         mesh=mesh,
         model_builder=builder,
+        on_step=DesignSchedule(every=spec.design_every) if spec.train_device else None,
     )
     summary = {
         "spec": spec.run_info(),
@@ -191,6 +218,9 @@ def run(
         "wall_time_s": result.wall_time,
         "steps": result.step,
     }
+    designed = codesign.designed_layers(result.model)
+    if designed:
+        summary["design"] = designed[0].design.values()
     return summary, result
 
 

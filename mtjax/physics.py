@@ -218,4 +218,5 @@ def thermal_diffusion(params: DeviceParams) -> Float[Array, ""]:
         * params.temperature
         / (params.Ms * gamma0(params) * params.volume)
     )
-    return jnp.sqrt(var)
+    pos = var > 0  # T = 0: exactly 0 with a zero (not NaN) derivative
+    return jnp.where(pos, jnp.sqrt(jnp.where(pos, var, 1.0)), 0.0)

@@ -207,9 +207,10 @@ def initial_state(m0: Float[ArrayLike, "3"] | None) -> Float[Array, "3"]:
     if m0.shape != (3,):
         raise ValueError(f"m0: expected shape (3,), got {m0.shape}")
     norm = jnp.linalg.norm(m0)
-    if _concrete(m0):
-        if not (np.all(np.isfinite(np.asarray(m0))) and float(norm) > 0):
-            raise ValueError(f"m0: must be a finite non-zero vector, got {np.asarray(m0)}")
+    if _concrete(m0):  # checked on the host (inside jit, jnp ops on constants are traced)
+        host = np.asarray(m0)
+        if not (np.all(np.isfinite(host)) and np.linalg.norm(host) > 0):
+            raise ValueError(f"m0: must be a finite non-zero vector, got {host}")
     else:
         bad = ~jnp.all(jnp.isfinite(m0)) | ~(norm > 0)
         m0 = eqx.error_if(m0, bad, "m0: must be a finite non-zero vector")

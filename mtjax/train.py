@@ -89,6 +89,7 @@ import optax
 from jaxtyping import Array, ArrayLike, Bool, Float, Int, PRNGKeyArray, PyTree
 
 from mtjax import data as _data
+from mtjax import nn as _nn
 from mtjax import plot
 from mtjax import sharding as _sharding
 from mtjax._tqdm import tqdm  # no "IProgress not found" warning in Jupyter
@@ -392,7 +393,9 @@ def cross_entropy(
 ) -> Float[Array, " batch"]:
     """Default per-example training loss: softmax cross-entropy with integer labels."""
     del x
-    return optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), y)
+    # at least float32 (bf16/f16 logits are promoted; float64 stays float64)
+    logits = logits.astype(jnp.promote_types(logits.dtype, jnp.float32))
+    return optax.softmax_cross_entropy_with_integer_labels(logits, y)
 
 
 class Batch(NamedTuple):
@@ -442,10 +445,13 @@ def init_state(
     """``(model, opt_state, trainable)`` to start `train_step` from.
 
     ``trainable`` is a bool per leaf of ``model``: selected by the Equinox ``filter_spec``
-    (default: every array) and an inexact array. ``model`` is a copy of the given one (the
+    (default `mtjax.nn.trainable`: every inexact array but raw device arrays; a spec that
+    selects those raises ValueError) and an inexact array. ``model`` is a copy of the given one (the
     step donates its arrays); ``opt_state = optimizer.init`` of its trainable part.
     """
-    selected = eqx.filter(model, eqx.is_array if filter_spec is None else filter_spec)
+    spec = _nn.trainable(model) if filter_spec is None else filter_spec
+    _nn.check_trainable(model, spec)
+    selected = eqx.filter(model, spec)
     trainable = jax.tree.map(
         lambda v: v is not None and eqx.is_inexact_array(v),
         selected,
@@ -463,7 +469,12 @@ def _logits(model, x, key):
 
 
 def _loss(params, static, x, y, mask, key, loss_fn):
-    per_example = loss_fn(_logits(eqx.combine(params, static), x, key), x, y)
+    model = eqx.combine(params, static)
+    logits = _logits(model, x, key)
+    if getattr(loss_fn, "needs_model", False):  # e.g. an energy term of a co-design loss
+        per_example = loss_fn(logits, x, y, model=model, key=key)
+    else:
+        per_example = loss_fn(logits, x, y)
     w = mask.astype(jnp.float32)
     return jnp.sum(jnp.where(mask, per_example, 0.0)) / jnp.maximum(jnp.sum(w), 1.0)
 
@@ -1023,7 +1034,7 @@ class _Session:
 
     def __init__(
         self, model, data, config, *, out, run_info, filter_spec, loss_fn, progress,
-        stop_after_steps, mesh, model_builder,
+        stop_after_steps, mesh, model_builder, on_step=None,
     ):  # fmt: skip
         (self.x, self.y), (self.xt, self.yt) = data
         self.config, self.run_info, self.model_builder = config, run_info, model_builder
@@ -1045,6 +1056,7 @@ class _Session:
         # stochastic models (thermal/read noise) are evaluated with a fixed key per run
         self.eval_key = jax.random.fold_in(jax.random.key(config.seed), 2**31 - 1)
         self.loss_fn = loss_fn
+        self.on_step = on_step
         if self.mesh is not None:
             self.model, self.opt_state, self.base_key, self.loss_fn = _sharding.replicate(
                 (self.model, self.opt_state, self.base_key, loss_fn), self.mesh
@@ -1158,6 +1170,10 @@ class _Session:
         if self.mesh is not None:  # this process's shards of the global batch
             xb, yb, mb = (_sharding.global_array(a, self.batch_sharding) for a in (xb, yb, mb))
             step = _sharding.global_array(step, self.state_sharding)
+        if self.on_step is not None:
+            self.model = self.on_step(self.step, self.model)
+            if self.mesh is not None:
+                self.model = _sharding.replicate(self.model, self.mesh)
         batch = Batch(xb, yb, mb, step, self.base_key, self.loss_fn)
         out = train_step(batch, self.model, self.opt_state, self.optimizer, self.trainable)
         self.model, self.opt_state = out.model, out.opt_state
@@ -1279,6 +1295,7 @@ def train(
     loss_fn=cross_entropy,
     mesh: jax.sharding.Mesh | None = None,
     model_builder: str | None = None,
+    on_step: Callable[[int, Any], Any] | None = None,
 ) -> TrainResult:
     """Train ``model`` on ``train_data = (x, y)``; evaluate on ``test_data`` each epoch.
 
@@ -1290,13 +1307,19 @@ def train(
     settings, model sizes, ...; `mtjax.experiments.run` passes its `RunSpec`), stored in the
     checkpoint and compared key by key on resume.
     ``filter_spec``: an Equinox filter (bool or callable per leaf, a prefix of ``model``)
-    restricting what is trained; by default every inexact array (leaves whose gradient is
-    zero, e.g. behind ``stop_gradient``, are then simply not changed by Adam/SGD).
+    restricting what is trained; by default `mtjax.nn.trainable` (every inexact array except
+    raw device arrays, which are never optimized: devices are designed with
+    `mtjax.codesign`).
     ``stop_after_steps``: stop (and checkpoint) once the global step count, resumed steps
     included, reaches this value. The caller's ``model`` arrays are copied, never donated.
+    ``on_step(step, model) -> model``: called before every update (outside jit) with the
+    number of updates done; it may change array values of the model but not its structure
+    (`mtjax.codesign.DesignSchedule` switches co-design layers between live and cached).
     ``loss_fn(logits, x, y) -> per-example loss``: the training objective (default
     `cross_entropy`; `mtjax.distill.DistillationLoss` for KD); it may be an Equinox module
-    holding arrays (a frozen teacher), which are never trained. Test metrics stay cross-entropy.
+    holding arrays (a frozen teacher), which are never trained. A loss with the attribute
+    ``needs_model = True`` is called as ``loss_fn(logits, x, y, model=model, key=key)`` (the
+    step's key), e.g. `mtjax.codesign.EnergyLoss`. Test metrics stay cross-entropy.
     ``mesh``: a `jax.sharding.Mesh` with a ``"data"`` axis to train data-parallel on
     (`mtjax.sharding.data_mesh`); default: all devices when there are several
     (`mtjax.sharding.default_mesh`), one device otherwise; ``data_mesh(1)`` forces one.
@@ -1330,7 +1353,7 @@ def train(
         )
     kwargs = dict(run_info=run_info, filter_spec=filter_spec, loss_fn=loss_fn,
                   progress=progress, stop_after_steps=stop_after_steps, mesh=mesh,
-                  model_builder=model_builder)  # fmt: skip
+                  model_builder=model_builder, on_step=on_step)  # fmt: skip
     if out_dir is None:
         session = _Session(model, data, config, out=None, **kwargs)
         session.run()

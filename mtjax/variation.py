@@ -9,6 +9,8 @@ the bias field. `distribution="normal"` draws x0 (1 + s xi) with xi clipped to [
 
 from __future__ import annotations
 
+import dataclasses
+
 import equinox as eqx
 import jax
 import jax.numpy as jnp
@@ -69,12 +71,42 @@ class Spreads(eqx.Module):
         return cls(**{name: s for name in RELATIVE}, hk=s * h_ref, h_bias=s * h_ref, **kw)
 
 
-def sample_devices(
-    params: DeviceParams, key: PRNGKeyArray, n: int, spreads: Spreads | dict | None = None
-) -> DeviceParams:
-    """`n` devices (leading axis n) drawn independently around the single device `params`."""
-    if params.batch_shape != ():
-        raise ValueError(f"params: expected one nominal device, got batch {params.batch_shape}")
+class Deviations(eqx.Module):
+    """Fixed device-to-device deviations of `n` devices, applied to any nominal device.
+
+    `factors[name]` (n,): relative factor of each field of `RELATIVE` (x = x0 * factor,
+    clipped to >= 1e-3 x0, eta to <= 1); `hk` (n,), `h_bias` (n, 3): additive offsets (A/m).
+    Because they are fixed, a population `apply(nominal)` moves with its nominal design and
+    gradients reach the nominal values (reparametrization)."""
+
+    factors: dict[str, Float[Array, " n"]]
+    hk: Float[Array, " n"]
+    h_bias: Float[Array, "n 3"]
+
+    @property
+    def n(self) -> int:
+        return int(self.hk.shape[0])
+
+    def apply(self, params: DeviceParams) -> DeviceParams:
+        """The `n` devices around the single device `params` (leading axis n)."""
+        if params.batch_shape != ():
+            raise ValueError(f"params: expected one nominal device, got {params.batch_shape}")
+        out = {}
+        for name, factor in self.factors.items():
+            x0 = getattr(params, name)
+            hi = 1.0 if name.startswith("eta") else jnp.inf
+            out[name] = jnp.clip(x0 * factor, 1e-3 * x0, hi)
+        out["hk"] = params.hk + self.hk
+        out["h_bias"] = params.h_bias + self.h_bias
+        n = self.n
+        batched = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), params)
+        return dataclasses.replace(batched, **out)
+
+
+def sample_deviations(
+    key: PRNGKeyArray, n: int, spreads: Spreads | dict | None = None
+) -> Deviations:
+    """Draw the deviations of `n` devices (see `Spreads`; `sample_devices` applies them)."""
     if int(n) != n or n < 1:
         raise ValueError(f"n must be a positive integer, got {n}")
     if spreads is None:
@@ -83,22 +115,29 @@ def sample_devices(
         spreads = Spreads(**spreads)
     fields = [f for group in RELATIVE.values() for f in group]
     keys = dict(zip([*fields, "hk", "h_bias"], jax.random.split(key, len(fields) + 2), strict=True))
-    out = {}
+    factors = {}
     for group, names in RELATIVE.items():
         s = getattr(spreads, group)
         for name in names:
-            x0 = getattr(params, name)
             xi = jax.random.normal(keys[name], (n,))
             if spreads.distribution == "normal":
-                x = x0 * (1 + s * jnp.clip(xi, -3, 3))
+                factors[name] = 1 + s * jnp.clip(xi, -3, 3)
             else:
-                x = x0 * jnp.exp(s * xi)
-            hi = 1.0 if name.startswith("eta") else jnp.inf
-            out[name] = jnp.clip(x, 1e-3 * x0, hi)
-    out["hk"] = params.hk + spreads.hk * jax.random.normal(keys["hk"], (n,))
-    out["h_bias"] = params.h_bias + spreads.h_bias * jax.random.normal(keys["h_bias"], (n, 3))
-    batched = jax.tree.map(lambda x: jnp.broadcast_to(x, (n, *x.shape)), params)
-    return batched.replace(**out)
+                factors[name] = jnp.exp(s * xi)
+    return Deviations(
+        factors=factors,
+        hk=spreads.hk * jax.random.normal(keys["hk"], (n,)),
+        h_bias=spreads.h_bias * jax.random.normal(keys["h_bias"], (n, 3)),
+    )
+
+
+def sample_devices(
+    params: DeviceParams, key: PRNGKeyArray, n: int, spreads: Spreads | dict | None = None
+) -> DeviceParams:
+    """`n` devices (leading axis n) drawn independently around the single device `params`."""
+    if params.batch_shape != ():
+        raise ValueError(f"params: expected one nominal device, got batch {params.batch_shape}")
+    return sample_deviations(key, n, spreads).apply(params)
 
 
 def sample_reset_states(key: PRNGKeyArray, n: int, offset: float) -> Float[Array, "n 3"]:

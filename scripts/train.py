@@ -25,6 +25,7 @@ from pathlib import Path
 
 from mtjax import experiments
 from mtjax import sharding as _sharding
+from mtjax.codesign import VARIABLES
 from mtjax.data import DataFormatError, DatasetNotFoundError
 from mtjax.fileio import atomic_write_json
 from mtjax.nn.activation import DERIVATIVES, MODES
@@ -70,6 +71,16 @@ def _devices(text: str) -> int | str:
     return value
 
 
+def _design_vars(text: str) -> tuple[str, ...]:
+    names = tuple(n.strip() for n in text.split(",") if n.strip())
+    bad = [n for n in names if n not in VARIABLES]
+    if bad or not names:
+        raise argparse.ArgumentTypeError(
+            f"unknown design quantities {bad or text!r}; choose from {', '.join(VARIABLES)}"
+        )
+    return names
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -102,6 +113,16 @@ def parse_args(argv=None) -> argparse.Namespace:
         "--temperature", type=_nonneg, default=0.0,
         help="K; > 0 makes the neurons thermal (--mode thermal by default; sde: the reference)",
     )  # fmt: skip
+    ap.add_argument(
+        "--train-device", type=_design_vars, default=(),
+        help="co-design: comma-separated free device quantities of the MTJ network, e.g. "
+        f"diameter,pulse_duration (any of {', '.join(VARIABLES)}); trained with the weights",
+    )  # fmt: skip
+    ap.add_argument("--design-lr", type=float, default=0.05, help="Adam lr of the design")
+    ap.add_argument(
+        "--design-every", type=_positive_int, default=1,
+        help="co-design: rebuild the tables and update the design every N steps (1: every)",
+    )  # fmt: skip
     ap.add_argument("--train-subset", type=_positive_int, default=None)
     ap.add_argument(
         "--devices", type=_devices, default="all",
@@ -115,6 +136,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = ap.parse_args(argv)
     if not (math.isfinite(args.lr) and args.lr > 0):
         ap.error(f"--lr must be > 0 and finite, got {args.lr}")
+    if not (math.isfinite(args.design_lr) and args.design_lr > 0):
+        ap.error(f"--design-lr must be > 0 and finite, got {args.design_lr}")
+    if args.train_device and args.activation == "tanh":
+        ap.error("--train-device needs MTJ neurons (--activation mtj or both)")
     if args.temperature > 0 and args.mode not in (None, "sde", "thermal"):
         ap.error(f"--temperature needs a thermal mode (thermal or sde), not --mode {args.mode}")
     args.mode = args.mode or ("thermal" if args.temperature > 0 else "table")
@@ -194,12 +219,14 @@ def run_all(args: argparse.Namespace, out: Path, mesh=None) -> dict:
         dataset=args.dataset, sizes=args.model, mode=args.mode, derivative=args.derivative,
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         variation=args.variation, read_noise=args.read_noise, temperature=args.temperature,
-        train_subset=args.train_subset,
+        train_subset=args.train_subset, design_lr=args.design_lr,
+        design_every=args.design_every,
     )  # fmt: skip
     kinds = ("tanh", "mtj") if args.activation == "both" else (args.activation,)
     results, histories = {}, {}
     for kind in kinds:
-        spec = dataclasses.replace(base, activation=kind)
+        designed = args.train_device if kind == "mtj" else ()
+        spec = dataclasses.replace(base, activation=kind, train_device=designed)
         summary, res = experiments.run(
             spec, train_data, test_data, out_dir=out / kind, resume=args.resume,
             overwrite=args.overwrite, progress=primary and not args.no_progress,

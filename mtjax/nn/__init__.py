@@ -15,7 +15,7 @@ from mtjax.nn.activation import (
     build_table,
 )
 from mtjax.nn.cnn import HeadedClassifier, ResNetFeatures, SmallCNN, cifar_model
-from mtjax.nn.models import MLP, deploy, rebuild_tables, trainable
+from mtjax.nn.models import MLP, check_trainable, deploy, rebuild_tables, trainable
 
 __all__ = [
     "DERIVATIVES",
@@ -28,6 +28,7 @@ __all__ = [
     "TableGrid",
     "SmallCNN",
     "build_table",
+    "check_trainable",
     "cifar_model",
     "deploy",
     "rebuild_tables",

@@ -55,6 +55,7 @@ device-side array is wrapped in `jax.lax.stop_gradient`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import equinox as eqx
@@ -211,8 +212,9 @@ def _reset_states(params: DeviceParams, m0, mode: str):
     if mode in ("analytic", "ideal") and (traced or not np.allclose(np.asarray(m0), M_UP)):
         raise ValueError(f"m0: mode={mode!r} assumes the reset state +z")
     norm = jnp.linalg.norm(m0, axis=-1, keepdims=True)
-    if not traced:
-        if not (np.all(np.isfinite(np.asarray(m0))) and np.all(np.asarray(norm) > 0)):
+    if not traced:  # on the host: inside jit, jnp ops on constants are traced
+        host = np.asarray(m0)
+        if not (np.all(np.isfinite(host)) and np.all(np.linalg.norm(host, axis=-1) > 0)):
             raise ValueError("m0: must hold finite non-zero vectors")
     m0 = m0 / norm
     if m0.ndim == 2:
@@ -522,6 +524,7 @@ class MTJActivation(eqx.Module):
     grid: TableGrid
     chunk: int = eqx.field(static=True)
     train_device: bool = eqx.field(static=True)
+    accepts_key = True  # `mtjax.nn.MLP` passes each layer its key
 
     def __init__(
         self,
@@ -538,6 +541,7 @@ class MTJActivation(eqx.Module):
         chunk: int = DEFAULT_CHUNK,
         train_device: bool = False,
         m0: Float[ArrayLike, "3"] | Float[ArrayLike, "n 3"] | None = None,
+        grid: TableGrid | None = None,
     ):
         """`params`: one device (shared by all neurons) or a batch (n,) of devices, one per
         neuron; default `DeviceParams.paper()`. `input_scale` (A per unit z): default
@@ -546,9 +550,12 @@ class MTJActivation(eqx.Module):
         normalized signal. `solver`/`steps`: pulse solver of "ode"/"table" (default rk4_scan)
         and "sde" (heun_scan); steps default to a count chosen from the dynamics of every
         device over the input range (`pulse_steps`), and too few raise. `n_grid`: table nodes
-        (default: enough for the steepest device, see `TableGrid.for_devices`).
+        (default: enough for the steepest device, see `TableGrid.for_devices`); or `grid`.
         `chunk`: "ode"/"sde" solve this many neurons at a time (`lax.map`; 0 = all).
-        `train_device`: let gradients reach params/input_scale (co-design). `m0`: the state
+        `train_device`: let gradients reach params/input_scale (sensitivities by `jax.grad`;
+        table/thermal modes then rebuild their tables from params at every call, so the
+        gradient is never that of a stale table). Devices are optimized through
+        `mtjax.codesign`, whose bounded design variables keep them physical. `m0`: the state
         the free layer is reset to before each pulse (default +z): one (3,) for all neurons
         or (n, 3), one per neuron (imperfect reset, e.g. `mtjax.sample_reset_states`)."""
         params = DeviceParams.paper() if params is None else params
@@ -578,7 +585,10 @@ class MTJActivation(eqx.Module):
             raise ValueError(f"input_scale: expected a scalar (A), got shape {input_scale.shape}")
         if not isinstance(input_scale, jax.core.Tracer) and not float(input_scale) > 0:
             raise ValueError(f"input_scale: must be > 0 (A), got {float(input_scale)}")
-        grid = TableGrid.for_devices(params, input_scale, z_max, n_grid)
+        if grid is None:
+            grid = TableGrid.for_devices(params, input_scale, z_max, n_grid)
+        elif grid.z_max != z_max:
+            raise ValueError(f"grid: its z_max {grid.z_max} differs from z_max {z_max}")
         floor = DEFAULT_SDE_STEPS if mode == "sde" else DEFAULT_ODE_STEPS
         steps = pulse_steps(params, grid.reach * input_scale, solver, steps, floor)
         self.params = params
@@ -632,6 +642,16 @@ class MTJActivation(eqx.Module):
             return self
         return eqx.tree_at(lambda a: a.table, self, self._tables())
 
+    def with_devices(self, params: DeviceParams, input_scale) -> MTJActivation:
+        """Copy driving `params` (same batch shape) at `input_scale`, with gradients to both
+        (`train_device=True`) and tables derived from them; the static settings (mode,
+        steps, grid, ...) are kept. Used by `mtjax.codesign` inside a loss."""
+        new = object.__new__(type(self))
+        for f in dataclasses.fields(self):
+            object.__setattr__(new, f.name, getattr(self, f.name))
+        object.__setattr__(new, "train_device", True)
+        return eqx.tree_at(lambda a: (a.params, a.input_scale), new, (params, input_scale))
+
     @property
     def stochastic(self) -> bool:
         """True when an evaluation needs a PRNG key (read noise, or thermal noise)."""
@@ -666,7 +686,10 @@ class MTJActivation(eqx.Module):
             k_noise, sde_key = jax.random.split(key)
             if self.read_noise > 0:
                 noise = jax.random.normal(k_noise, (2,) + z.shape, z.dtype)
-        dev = (self.params, self.input_scale, self.table, self.m0)
+        table = self.table
+        if self.train_device and self.mode in ("table", "thermal"):
+            table = self._tables()  # derived from the (differentiated) params: never stale
+        dev = (self.params, self.input_scale, table, self.m0)
         if not self.train_device:
             dev = jax.lax.stop_gradient(dev)
         cfg = _Config(

@@ -22,8 +22,7 @@ import jax
 import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
-from mtjax.nn.activation import MTJActivation
-from mtjax.nn.models import MLP, Activation
+from mtjax.nn.models import MLP, Activation, apply_activation
 
 __all__ = ["HeadedClassifier", "ResNetFeatures", "SmallCNN", "cifar_model"]
 
@@ -40,7 +39,7 @@ def _conv_activations(activation, n: int, what: str = "activation") -> tuple[Act
     for i, act in enumerate(acts):
         if not callable(act):
             raise TypeError(f"{what}[{i}]: expected a callable, got {type(act).__name__}")
-        if isinstance(act, MTJActivation) and act.n_devices is not None:
+        if getattr(act, "accepts_key", False) and getattr(act, "n_devices", None) is not None:
             raise ValueError(
                 f"{what}[{i}]: an MTJActivation with {act.n_devices} per-neuron devices cannot "
                 "drive a conv layer (its pre-activations are a (channels, H, W) map); use a "
@@ -122,7 +121,7 @@ class SmallCNN(eqx.Module):
             keys = list(jax.random.split(key, n + 1))
         for conv, act, k in zip(self.convs, self.conv_activations, keys[:n], strict=True):
             x = conv(x)
-            x = act(x, key=k) if isinstance(act, MTJActivation) else act(x)
+            x = apply_activation(act, x, k)
             x = _avg_pool2(x)
         return self.head(x, key=keys[n])
 

@@ -14,8 +14,16 @@ import jax.numpy as jnp
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
 
 from mtjax.nn.activation import MTJActivation
+from mtjax.params import DeviceParams
+from mtjax.variation import Deviations
 
 Activation = Callable[..., Array]
+
+
+def apply_activation(act: Activation, x: Array, key: PRNGKeyArray | None) -> Array:
+    """`act(x, key=key)` for activations that take a key (their class sets
+    `accepts_key = True`, like `MTJActivation`), else `act(x)`."""
+    return act(x, key=key) if getattr(act, "accepts_key", False) else act(x)
 
 
 def _per_layer(activation, widths: Sequence[int]) -> tuple[Activation, ...]:
@@ -31,9 +39,10 @@ def _per_layer(activation, widths: Sequence[int]) -> tuple[Activation, ...]:
     for i, (act, width) in enumerate(zip(acts, widths, strict=True)):
         if not callable(act):
             raise TypeError(f"activation[{i}]: expected a callable, got {type(act).__name__}")
-        if isinstance(act, MTJActivation) and act.n_devices not in (None, width):
+        n_dev = getattr(act, "n_devices", None) if getattr(act, "accepts_key", False) else None
+        if n_dev not in (None, width):
             raise ValueError(
-                f"activation[{i}]: {act.n_devices} per-neuron devices for a hidden layer of "
+                f"activation[{i}]: {n_dev} per-neuron devices for a hidden layer of "
                 f"width {width}"
             )
     return acts
@@ -79,7 +88,7 @@ class MLP(eqx.Module):
             keys = list(jax.random.split(key, len(self.activations)))
         for layer, act, k in zip(self.layers[:-1], self.activations, keys, strict=True):
             x = layer(x)
-            x = act(x, key=k) if isinstance(act, MTJActivation) else act(x)
+            x = apply_activation(act, x, k)
         return self.layers[-1](x)
 
     def with_activations(
@@ -138,24 +147,41 @@ def rebuild_tables(model: PyTree) -> PyTree:
     )
 
 
-def trainable(model: PyTree) -> PyTree:
-    """Filter spec (bool pytree) for `eqx.partition`/`eqx.filter`: every array, except the
-    device side of `MTJActivation` layers (params, input_scale) unless `train_device=True`,
-    and never the tables (they are derived from params; see `rebuild_tables`).
+def _frozen(x) -> bool:
+    """Nodes whose arrays an optimizer must never move directly: MTJ layers (device side,
+    tables, reset states), raw device parameters and fixed deviations."""
+    return isinstance(x, MTJActivation | DeviceParams | Deviations)
 
-    Use it instead of `eqx.is_array` when the optimizer has weight decay, which would
-    otherwise shrink frozen device parameters."""
+
+def trainable(model: PyTree) -> PyTree:
+    """Filter spec (bool pytree) for `eqx.partition`/`eqx.filter`: every inexact array except
+    the arrays of `MTJActivation` layers, `DeviceParams` and `Deviations` anywhere in the
+    model. Raw device parameters are never optimized (an optimizer step could make them
+    non-physical); devices are designed through `mtjax.codesign`, whose unconstrained
+    variables are ordinary trainable arrays. `mtjax.train` uses this by default."""
 
     def spec(x):
-        if _is_mtj(x):
-            on = x.train_device
-            filt = jax.tree_util.tree_map(lambda leaf: on and eqx.is_array(leaf), x)
-            filt = eqx.tree_at(lambda a: a.m0, filt, False)  # the reset state is not designed
-            if x.table is not None:
-                filt = eqx.tree_at(
-                    lambda a: a.table, filt, jax.tree_util.tree_map(lambda _: False, x.table)
-                )
-            return filt
-        return eqx.is_array(x)
+        if _frozen(x):
+            return jax.tree_util.tree_map(lambda _: False, x)
+        return eqx.is_inexact_array(x)
 
-    return jax.tree_util.tree_map(spec, model, is_leaf=_is_mtj)
+    return jax.tree_util.tree_map(spec, model, is_leaf=_frozen)
+
+
+def check_trainable(model: PyTree, spec: PyTree) -> None:
+    """Raise ValueError if the Equinox filter `spec` selects raw device arrays of `model`
+    (inexact arrays under the nodes that `trainable` freezes)."""
+    selected = eqx.filter(model, spec)
+    bad = []
+
+    def visit(path, x):
+        if _frozen(x) and any(eqx.is_inexact_array(v) for v in jax.tree_util.tree_leaves(x)):
+            bad.append(jax.tree_util.keystr(path))
+
+    jax.tree_util.tree_map_with_path(visit, selected, is_leaf=_frozen)
+    if bad:
+        raise ValueError(
+            f"filter_spec selects raw device arrays ({', '.join(bad[:3])}): an optimizer would "
+            "move device parameters without keeping them physical; design devices with "
+            "mtjax.codesign (bounded, well-scaled variables) or use mtjax.nn.trainable"
+        )

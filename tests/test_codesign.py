@@ -1,0 +1,210 @@
+"""Co-design: bounded design variables, exact design gradients, joint training, safety."""
+
+import functools
+
+import equinox as eqx
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import mtjax
+from mtjax import codesign, train
+from mtjax.codesign import Design, DesignedMTJ, DesignSchedule, DesignSpace, EnergyLoss
+from mtjax.nn import MLP, MTJActivation
+
+PAPER = mtjax.DeviceParams.paper()
+
+
+def _model(design, mode="table", key=0, width=6, **kw):
+    devs = mtjax.sample_deviations(jax.random.key(5), width, mtjax.Spreads.relative(0.05))
+    layer = DesignedMTJ(design, deviations=devs, mode=mode, n_grid=33, **kw)
+    return MLP((8, width, 3), layer, key=jax.random.key(key))
+
+
+def _data(n=32, seed=0):
+    x = jax.random.normal(jax.random.key(seed), (n, 8))
+    y = jax.random.randint(jax.random.key(seed + 1), (n,), 0, 3)
+    return x, y
+
+
+def test_bounds_hold_after_many_large_adam_steps():
+    space = DesignSpace(free=("diameter", "thickness", "pulse_duration", "eta1", "input_scale",
+                              "hk", "h_bias", "Ms", "alpha", "xi1", "tmr1", "ra1"))  # fmt: skip
+    design = Design(PAPER, space)
+    push = jnp.array([1.0, -1.0, 1.0])
+
+    def loss(d):  # drives every variable hard towards one end
+        vals = [jnp.sum(d.value(n) * (push if d.value(n).ndim else 1.0)) for n in space.free]
+        return -sum(jnp.log(jnp.abs(v) + 1e-30) for v in vals)
+
+    opt = optax.adam(10.0)
+    state = opt.init(eqx.filter(design, eqx.is_inexact_array))
+    step = eqx.filter_jit(lambda d, s: opt.update(eqx.filter_grad(loss)(d), s))
+    for _ in range(200):
+        updates, state = step(design, state)
+        design = eqx.apply_updates(design, updates)
+    for name, lo, hi in space.bounds:
+        v = np.asarray(design.value(name))
+        assert np.all((v >= lo) & (v <= hi)), name
+    nominal = design.nominal()
+    mtjax.DeviceParams(**{f: getattr(nominal, f) for f in nominal.__dataclass_fields__})
+    assert float(design.input_scale()) > 0
+
+
+def test_design_space_errors_name_the_variable():
+    with pytest.raises(ValueError, match="unknown"):
+        DesignSpace(free=("diameter", "gamma"))
+    with pytest.raises(ValueError, match="bounds\\['diameter'\\]"):
+        DesignSpace(bounds={"diameter": (1e-7, 1e-8)})
+    with pytest.raises(ValueError, match="thickness.*not strictly inside"):
+        Design(PAPER.replace(thickness=5e-9))
+    with pytest.raises(ValueError, match="ideal"):
+        DesignedMTJ(Design(PAPER), mode="ideal")
+
+
+def test_structurally_inert_variables_raise():
+    # driver calibrated to the device (input_scale free), T = 0: the deterministic response
+    # does not depend on the geometry, so its gradient would be zero
+    cold = PAPER.replace(temperature=0.0)
+    with pytest.raises(ValueError, match="diameter.*eta1.*thickness.*structurally zero"):
+        DesignedMTJ(Design(cold), mode="table", n_grid=33)
+    DesignedMTJ(Design(cold), mode="table", n_grid=33, energy=True)  # energy depends on them
+    DesignedMTJ(Design(cold, DesignSpace(free=("diameter",))), mode="table", n_grid=33)
+
+
+def test_design_starts_at_the_base_device():
+    design = Design(PAPER, gain=1.3)
+    nominal = design.nominal()
+    for f in ("diameter_x", "diameter_y", "thickness", "pulse_duration", "eta1"):
+        np.testing.assert_allclose(getattr(nominal, f), getattr(PAPER, f), rtol=1e-5)
+    np.testing.assert_allclose(design.input_scale(), 1.3 * mtjax.current_scale(PAPER), rtol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["table", "thermal", "ode"])
+def test_loss_and_energy_gradients_match_finite_differences(mode):
+    with jax.enable_x64(True):
+        p = mtjax.DeviceParams.paper(temperature=300.0 if mode == "thermal" else 0.0)
+        design = Design(p)
+        model = codesign.set_live(_model(design, mode=mode, width=4, energy=True), True)
+        x, y = _data(8)
+        key = jax.random.key(3)
+        loss_fn = EnergyLoss(weight=0.5, reference=1e-12)
+
+        def loss(theta):
+            m = eqx.tree_at(lambda m: m.activations[0].design.theta, model, theta)
+            keys = jax.random.split(key, x.shape[0])
+            logits = jax.vmap(lambda xi, ki: m(xi, key=ki))(x, keys)
+            return jnp.mean(loss_fn(logits, x, y, model=m, key=key))
+
+        theta = model.activations[0].design.theta
+        vg = eqx.filter_jit(jax.value_and_grad(loss))
+        _, grad = vg(theta)
+        f = eqx.filter_jit(loss)
+        for name in codesign.DEFAULT_FREE:
+            h = 1e-5
+            plus = {**theta, name: theta[name] + h}
+            minus = {**theta, name: theta[name] - h}
+            fd = (f(plus) - f(minus)) / (2 * h)
+            assert abs(float(grad[name]) - float(fd)) <= 1e-3 * abs(float(fd)) + 1e-9, name
+
+
+def test_modes_agree_on_the_design_gradient():
+    # table, thermal (at T = 0 it is the table) and ode: one physics, one gradient
+    with jax.enable_x64(True):
+        p = mtjax.DeviceParams.paper(temperature=0.0)
+        x, y = _data(8)
+        grads = {}
+        space = DesignSpace(free=("diameter", "thickness", "pulse_duration", "eta1"))
+        for mode in ("table", "thermal", "ode"):
+            model = codesign.set_live(_model(Design(p, space), mode=mode, width=4), True)
+
+            def loss(theta, model=model):
+                m = eqx.tree_at(lambda m: m.activations[0].design.theta, model, theta)
+                logits = jax.vmap(lambda xi: m(xi))(x)
+                return jnp.mean(train.cross_entropy(logits, x, y))
+
+            grads[mode] = eqx.filter_jit(jax.grad(loss))(model.activations[0].design.theta)
+        for name in space.free:
+            ref = float(grads["ode"][name])
+            for mode in ("table", "thermal"):
+                assert abs(float(grads[mode][name]) - ref) <= 1e-2 * abs(ref) + 1e-9, (mode, name)
+
+
+def test_joint_training_moves_the_design_and_keeps_it_physical(tmp_path):
+    # regression for the silent-zero bug: a trained table-mode device must change
+    x, y = _data(64)
+    model = _model(Design(PAPER.replace(temperature=0.0)), mode="table", energy=True)
+    before = model.activations[0].design.values()
+    config = train.TrainConfig(
+        epochs=2, batch_size=16, lr=1e-2,
+        optimizer=functools.partial(codesign.joint_optimizer, design_lr=0.2),
+    )  # fmt: skip
+    res = train.train(
+        model, (np.asarray(x), np.asarray(y)), (np.asarray(x), np.asarray(y)), config,
+        progress=False, on_step=DesignSchedule(every=2),
+        loss_fn=EnergyLoss(weight=0.1, reference=1e-12),
+    )  # fmt: skip
+    after = res.model.activations[0].design.values()
+    moved = [n for n in codesign.DEFAULT_FREE if not np.allclose(before[n], after[n], atol=0)]
+    assert len(moved) == len(codesign.DEFAULT_FREE)
+    assert np.isfinite(res.test_loss)
+
+
+def test_cached_steps_leave_the_design_alone():
+    x, y = _data(32)
+    model = _model(Design(PAPER.replace(temperature=0.0)), mode="table", energy=True)
+    config = train.TrainConfig(
+        epochs=1, batch_size=16, lr=1e-2, optimizer=codesign.joint_optimizer
+    )  # fmt: skip
+    schedule = DesignSchedule(every=1000)  # never live within 2 steps
+    res = train.train(
+        model, (np.asarray(x), np.asarray(y)), (np.asarray(x), np.asarray(y)), config,
+        progress=False, on_step=schedule,
+    )  # fmt: skip
+    before, after = model.activations[0].design.theta, res.model.activations[0].design.theta
+    for name in before:
+        np.testing.assert_array_equal(before[name], after[name])
+
+
+def test_raw_device_arrays_cannot_be_optimized():
+    act = MTJActivation(PAPER, mode="table", train_device=True)
+    model = MLP((8, 6, 3), act, key=jax.random.key(0))
+    x, y = _data(16)
+    with pytest.raises(ValueError, match="raw device arrays"):
+        train.train(
+            model, (np.asarray(x), np.asarray(y)), (np.asarray(x), np.asarray(y)),
+            train.TrainConfig(epochs=1, batch_size=16), filter_spec=eqx.is_inexact_array,
+            progress=False,
+        )  # fmt: skip
+    # default spec: the device side is frozen, the weights train
+    spec = mtjax.nn.trainable(model)
+    assert not any(jax.tree_util.tree_leaves(eqx.filter(spec.activations[0], lambda v: v)))
+
+
+def test_train_device_gradient_is_never_that_of_a_stale_table():
+    act = MTJActivation(PAPER, mode="table", train_device=True)
+    z = jnp.array([-1.0, 0.3, 1.5])
+    g = jax.grad(lambda a: jnp.sum(a(z)))(act)
+    assert float(jnp.abs(g.params.thickness)) > 0  # through the rebuilt table
+    table = MTJActivation(PAPER, mode="table")
+    g0 = jax.grad(lambda a: jnp.sum(a(z)))(table)
+    assert float(jnp.abs(g0.params.thickness)) == 0  # frozen device: stop_gradient, by design
+
+
+def test_train_script_train_device(tmp_path):
+    import runpy
+    from pathlib import Path
+
+    root = Path(__file__).resolve().parents[1]
+    main = runpy.run_path(str(root / "scripts" / "train.py"))["main"]
+    out = tmp_path / "run"
+    report = main([
+        "--activation", "mtj", "--epochs", "1", "--train-subset", "256",
+        "--model", "784-16-10", "--train-device", "diameter,pulse_duration",
+        "--no-progress", "--out", str(out),
+    ])  # fmt: skip
+    design = report["results"]["mtj"]["design"]
+    assert set(design) >= {"diameter", "pulse_duration", "input_scale_A"}
+    assert design["diameter"] != pytest.approx(50e-9, rel=1e-6)
