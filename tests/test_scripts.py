@@ -156,3 +156,16 @@ def test_reproduce_quick_smoke(tmp_path):
     assert len(rob["accuracy_pp"]["inference"]) == len(rob["variation"])
     assert (tmp_path / "robustness.png").stat().st_size > 1000
     assert saved["cifar100"] == "skipped (--skip-cifar)"
+
+
+def test_device_size_quick(tmp_path):
+    main = runpy.run_path(str(ROOT / "scripts" / "device_size.py"))["main"]
+    out = main(["--quick", "--out", str(tmp_path), "--no-progress"])
+    rows = out["devices"]
+    assert set(rows) == {"10", "50"}
+    # the thermal table's spread at z = 0 is the small-noise formula's (moment approximation)
+    for row in rows.values():
+        assert abs(row["std_mx_z0_table"] / row["std_mx_z0_formula"] - 1) < 0.02
+    assert rows["10"]["std_mx_z0_table"] > 4 * rows["50"]["std_mx_z0_table"]  # 1/sqrt(V)
+    for name in ("device_size.json", "device_size.md", "device_size.png"):
+        assert (tmp_path / name).stat().st_size > 0
