@@ -62,7 +62,7 @@ from mtjax.nn.activation import (
 )
 from mtjax.nn.cnn import HeadedClassifier
 from mtjax.nn.models import MLP, apply_activation
-from mtjax.params import DeviceParams
+from mtjax.params import DeviceParams, over_devices
 from mtjax.physics import (
     gamma0,
     rotation_rate_bound,
@@ -281,11 +281,9 @@ def _steps(params: DeviceParams, currents, duration, steps: int | None) -> int:
     def theta(p, c, t):
         return rotation_rate_bound(torque_coefficients(p, c)) * t
 
-    fn = theta
-    for _ in params.batch_shape:
-        fn = jax.vmap(fn)
     batch = params.batch_shape
-    th = fn(
+    th = over_devices(
+        theta,
         params,
         jnp.broadcast_to(jnp.abs(jnp.asarray(currents)), (*batch, 2)),
         jnp.broadcast_to(jnp.asarray(duration), batch),
@@ -349,10 +347,8 @@ _one_activation_jit = eqx.filter_jit(_one_activation)
 
 def _max_reset_current(params: DeviceParams, reset: ResetModel):
     """Largest reset amplitude (A) over the devices (the adaptive one is capped by it)."""
-    fn = lambda p: reset_current(p, reset)  # m=None: the theta_start amplitude
-    for _ in params.batch_shape:
-        fn = jax.vmap(fn)
-    return jnp.max(fn(params))
+    # m=None: the theta_start amplitude
+    return jnp.max(over_devices(lambda p: reset_current(p, reset), params))
 
 
 def activation_energy(
@@ -475,10 +471,7 @@ def _energy_table(params, input_scale, grid, reset, v_read, t_read, m0, n_write,
         latency = p.pulse_duration + t_read + reset.time(p)
         return hermite_coefficients(jax.vmap(node)(zs)), latency
 
-    fn = one_device
-    for _ in params.batch_shape:
-        fn = jax.vmap(fn)
-    return fn(params, m0)
+    return over_devices(one_device, params, m0)
 
 
 class NetworkEnergy(eqx.Module):

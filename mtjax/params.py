@@ -181,6 +181,15 @@ class DeviceParams(eqx.Module):
         return dataclasses.replace(self, **changes)
 
 
+def over_devices(fn, params: DeviceParams, *args):
+    """`fn(device, *per_device_args)` mapped (vmapped) over every batch axis of `params`;
+    `args` share those leading axes. For one device it is a plain call."""
+    mapped = fn
+    for _ in params.batch_shape:
+        mapped = jax.vmap(mapped)
+    return mapped(params, *args)
+
+
 def _format_leaf(v, unit: str, vector: bool) -> str:
     """`1e+06 A/m`, `(1, 0, 0)`, or for a batch `mean +- std` (or one value if all equal)."""
     unit = "" if unit == "1" else f" {unit}"

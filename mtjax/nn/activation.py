@@ -68,7 +68,7 @@ from mtjax.analytic import closed_form_violations, current_scale, pulse_angles
 from mtjax.constants import TIME_UNIT
 from mtjax.integrators import steps_for, too_coarse
 from mtjax.moments import moments_scan
-from mtjax.params import DeviceParams
+from mtjax.params import DeviceParams, over_devices
 from mtjax.physics import (
     rotation_rate_bound,
     spin_rotation_bound,
@@ -156,10 +156,7 @@ def _max_gain(params: DeviceParams, input_scale) -> float | None:
         c = torque_coefficients(p, jnp.stack([input_scale, jnp.zeros_like(input_scale)]))
         return spin_rotation_bound(c) * p.pulse_duration
 
-    fn = gain
-    for _ in params.batch_shape:
-        fn = jax.vmap(fn)
-    g = jnp.max(fn(params))
+    g = jnp.max(over_devices(gain, params))
     return None if isinstance(g, jax.core.Tracer) else float(g)
 
 
@@ -262,10 +259,7 @@ def pulse_steps(
         c = torque_coefficients(p, jnp.stack([max_current, jnp.zeros_like(max_current)]))
         return rotation_rate_bound(c) * p.pulse_duration
 
-    fn = theta
-    for _ in params.batch_shape:
-        fn = jax.vmap(fn)
-    th = jnp.max(fn(params))
+    th = jnp.max(over_devices(theta, params))
     if isinstance(th, jax.core.Tracer):
         return floor if steps is None else int(steps)
     if steps is None:
@@ -320,10 +314,7 @@ def _build_table(params, input_scale, grid: TableGrid, solver, steps, m0):
         y = jax.vmap(lambda z: _pulse(p, z * input_scale, None, solver, steps, m))(zs)
         return hermite_coefficients(y)
 
-    fn = one_device
-    for _ in params.batch_shape:
-        fn = jax.vmap(fn)
-    return ResponseTable(coef=fn(params, m0), grid=grid)
+    return ResponseTable(coef=over_devices(one_device, params, m0), grid=grid)
 
 
 def build_noise_table(
@@ -371,10 +362,7 @@ def _build_noise_table(params, input_scale, grid: TableGrid, steps, m0):
 
         return hermite_coefficients(jax.vmap(one_node)(zs))
 
-    fn = one_device
-    for _ in params.batch_shape:
-        fn = jax.vmap(fn)
-    return fn(params, m0)
+    return over_devices(one_device, params, m0)
 
 
 class _Config(eqx.Module):

@@ -42,8 +42,7 @@ def _per_layer(activation, widths: Sequence[int]) -> tuple[Activation, ...]:
         n_dev = getattr(act, "n_devices", None) if getattr(act, "accepts_key", False) else None
         if n_dev not in (None, width):
             raise ValueError(
-                f"activation[{i}]: {n_dev} per-neuron devices for a hidden layer of "
-                f"width {width}"
+                f"activation[{i}]: {n_dev} per-neuron devices for a hidden layer of width {width}"
             )
     return acts
 
