@@ -139,7 +139,9 @@ def test_table_param_gradients_match_finite_differences_x64():
         _fd_check_params(vg, base.params, vg(base.params)[1])
 
 
-@pytest.mark.parametrize(("mode", "derivative"), [("sde", "mz2"), ("table", "mz")])
+@pytest.mark.parametrize(
+    ("mode", "derivative"), [("sde", "mz2"), ("table", "mz"), ("thermal", "mz2")]
+)
 def test_device_derivative_is_the_same_evaluations_readout(mode, derivative):
     # Read noise (+ thermal noise for "sde"): only the same evaluation's m.p2 read-out can
     # reproduce the gradient.
