@@ -224,13 +224,35 @@ def run(
     return summary, result
 
 
-def evaluate_with(model, spec: RunSpec, test_data, *, key_seed: int = 1234) -> float:
-    """Accuracy of `model`'s weights with the hidden activations of `spec` (deploy, no
-    retraining); noisy activations are evaluated with a fixed key."""
+def is_stochastic(model) -> bool:
+    """True when some neuron of `model` draws noise (read noise, thermal noise) per call."""
+    is_layer = lambda x: isinstance(x, MTJActivation | DesignedMTJ)
+    leaves = jax.tree_util.tree_leaves(model, is_leaf=is_layer)
+    return any(
+        (a if isinstance(a, MTJActivation) else a.template).stochastic
+        for a in leaves
+        if is_layer(a)
+    )
+
+
+def accuracies_over_keys(
+    model, test_data, n_keys: int = 5, *, seed: int = 0, batch_size: int = 1000
+) -> list[float]:
+    """Test accuracy of `model` for each of `n_keys` noise keys (key k of `seed`:
+    ``key(10_000 (seed + 1) + k)``); a deterministic model is evaluated once (one entry)."""
+    if not isinstance(n_keys, int) or n_keys < 1:
+        raise ValueError(f"n_keys must be an integer >= 1, got {n_keys!r}")
+    if not is_stochastic(model):
+        return [_train.evaluate(model, *test_data, batch_size)[1]]
+    keys = [jax.random.key(10_000 * (seed + 1) + k) for k in range(n_keys)]
+    return [_train.evaluate(model, *test_data, batch_size, key=k)[1] for k in keys]
+
+
+def evaluate_with(model, spec: RunSpec, test_data, *, n_keys: int = 5) -> list[float]:
+    """Accuracies of `model`'s weights with the hidden activations of `spec` (deploy, no
+    retraining), one per noise key (`accuracies_over_keys`; one if noise-free)."""
     acts = hidden_activations(spec, jax.random.key(spec.seed + 10_000))
-    deployed = deploy(model, acts)
-    _, acc = _train.evaluate(deployed, *test_data, 1000, key=jax.random.key(key_seed))
-    return acc
+    return accuracies_over_keys(deploy(model, acts), test_data, n_keys, seed=spec.seed)
 
 
 def mean_std(values: Sequence[float]) -> dict[str, float]:

@@ -17,8 +17,6 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import jax
-
 from mtjax import experiments as ex
 from mtjax import plot as _plot
 from mtjax import train as _train
@@ -67,31 +65,39 @@ def robustness_study(
     read_noises: Sequence[float] = (0.0, 0.01, 0.05, 0.1),
     *,
     train_too: bool = True,
+    n_keys: int = 5,
     progress: bool = False,
 ) -> dict:
     """Test accuracy (%) on a variation x read-noise grid: software weights deployed on the
-    perturbed MTJ neurons ("inference"), and networks trained with them ("training")."""
+    perturbed MTJ neurons ("inference"), and networks trained with them ("training"); each
+    cell the mean (and std) over `n_keys` read-noise keys."""
     train_data, test_data = data
-    grids: dict[str, list[list[float]]] = {"inference": [], "training": []}
+    kinds = ("inference", "training") if train_too else ("inference",)
+    grids = {k: [] for k in kinds}
+    stds = {k: [] for k in kinds}
     _, sw_acc = _train.evaluate(software_model, *test_data, 1000)
     for s in variations:
-        row_inf, row_tr = [], []
+        cells: dict[str, list[dict]] = {k: [] for k in kinds}
         for r in read_noises:
             spec = dataclasses.replace(base, activation="mtj", variation=s, read_noise=r)
-            row_inf.append(100 * ex.evaluate_with(software_model, spec, test_data))
+            accs = {"inference": ex.evaluate_with(software_model, spec, test_data, n_keys=n_keys)}
             if train_too:
-                summary, _ = ex.run(spec, train_data, test_data, progress=progress)
-                row_tr.append(100 * summary["test_accuracy"])
-        grids["inference"].append(row_inf)
-        if train_too:
-            grids["training"].append(row_tr)
-    if not train_too:
-        del grids["training"]
+                _, res = ex.run(spec, train_data, test_data, progress=progress)
+                accs["training"] = ex.accuracies_over_keys(
+                    res.model, test_data, n_keys, seed=spec.seed
+                )
+            for k in kinds:
+                cells[k].append(ex.mean_std([100 * a for a in accs[k]]))
+        for k in kinds:
+            grids[k].append([c["mean"] for c in cells[k]])
+            stds[k].append([c["std"] for c in cells[k]])
     return {
         "variation": list(variations),
         "read_noise": list(read_noises),
+        "n_keys": n_keys,
         "software_accuracy_pp": 100 * sw_acc,
         "accuracy_pp": grids,
+        "std_over_keys_pp": stds,
         "spec": dataclasses.asdict(base),
     }
 
@@ -103,19 +109,19 @@ def transfer_rows(
     variants: dict[str, Any],
     *,
     finetune: tuple[str, ex.RunSpec] | None = None,
+    n_keys: int = 5,
     progress: bool = False,
 ) -> list[Row]:
     """Deploy `software_model`'s weights with each activation in `variants` (label ->
     activation or per-layer list) and evaluate without retraining; `finetune=(label, spec)`
-    also trains that variant for `spec.epochs` with the device in the loop."""
+    also trains that variant for `spec.epochs` with the device in the loop. Noisy variants:
+    accuracy mean ± std over `n_keys` noise keys (`experiments.accuracies_over_keys`)."""
     train_data, test_data = data
-    key = jax.random.key(4321)
     _, sw = _train.evaluate(software_model, *test_data, 500)
     rows = []
     for label, act in variants.items():
-        deployed = deploy(software_model, act)
-        _, acc = _train.evaluate(deployed, *test_data, 500, key=key)
-        rows.append(_row(f"{name}: deploy, {label}", sw, acc))
+        accs = ex.accuracies_over_keys(deploy(software_model, act), test_data, n_keys)
+        rows.append(_row(f"{name}: deploy, {label}", sw, accs))
     if finetune is not None:
         label, spec = finetune
         model = deploy(software_model, variants[label])
@@ -123,9 +129,8 @@ def transfer_rows(
             model, train_data, test_data, spec.config(), progress=progress,
             filter_spec=trainable(model),
         )  # fmt: skip
-        rows.append(
-            _row(f"{name}: deploy + fine-tune {spec.epochs} ep, {label}", sw, res.test_accuracy)
-        )
+        accs = ex.accuracies_over_keys(res.model, test_data, n_keys)
+        rows.append(_row(f"{name}: deploy + fine-tune {spec.epochs} ep, {label}", sw, accs))
     return rows
 
 
@@ -167,19 +172,24 @@ def distill_study(
     return rows
 
 
-def _row(experiment: str, software: float, mtj: float) -> Row:
+def _row(experiment: str, software: float, mtj: Sequence[float]) -> Row:
+    """Summary row; `mtj`: accuracies over noise keys (one entry when noise-free)."""
+    ms = ex.mean_std([100 * a for a in mtj])
+    spread = f" ± {ms['std']:.2f}" if len(mtj) > 1 else ""
     return {
         "experiment": experiment,
         "software_pp": f"{100 * software:.2f}",
-        "mtj_pp": f"{100 * mtj:.2f}",
-        "gap_pp": f"{100 * (software - mtj):.2f}",
+        "mtj_pp": f"{ms['mean']:.2f}{spread}",
+        "gap_pp": f"{100 * software - ms['mean']:.2f}{spread}",
+        "noise_keys": len(mtj),
     }
 
 
 def markdown_table(rows: Sequence[Row]) -> str:
-    cols = ("experiment", "software_pp", "mtj_pp", "gap_pp", "paper", "settings", "seeds")
+    cols = ("experiment", "software_pp", "mtj_pp", "gap_pp", "paper", "settings", "seeds",
+            "noise_keys")  # fmt: skip
     head = ["experiment", "software acc (%)", "MTJ acc (%)", "gap (pp)", "paper", "settings",
-            "seeds"]  # fmt: skip
+            "seeds", "noise keys"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for row in rows:
         lines.append("| " + " | ".join(str(row.get(c, "")) for c in cols) + " |")

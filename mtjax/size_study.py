@@ -18,6 +18,7 @@ import numpy as np
 
 from mtjax import train as _train
 from mtjax.constants import GAMMA0, KB, MU0
+from mtjax.experiments import accuracies_over_keys
 from mtjax.nn import MLP, MTJActivation, deploy
 from mtjax.params import DeviceParams
 
@@ -31,14 +32,6 @@ def thermal_std_at_zero(params: DeviceParams) -> float:
 
 def device(diameter: float, temperature: float) -> DeviceParams:
     return DeviceParams.paper(diameter_x=diameter, diameter_y=diameter, temperature=temperature)
-
-
-def _accuracies(model, test_data, n_keys: int, seed: int) -> list[float]:
-    x, y = test_data
-    return [
-        _train.evaluate(model, x, y, 1000, key=jax.random.key(10_000 * (seed + 1) + k))[1]
-        for k in range(n_keys)
-    ]
 
 
 def size_study(
@@ -86,12 +79,12 @@ def size_study(
         for d, act in acts.items():
             row = out["devices"][f"{d * 1e9:g}"]
             row["deployed"].append(
-                _accuracies(deploy(software.model, act), test_data, n_keys, seed)
+                accuracies_over_keys(deploy(software.model, act), test_data, n_keys, seed=seed)
             )
             res = _train.train(
                 MLP(sizes, act, key=k_model), train_data, test_data, cfg, progress=progress
             )
-            row["trained"].append(_accuracies(res.model, test_data, n_keys, seed))
+            row["trained"].append(accuracies_over_keys(res.model, test_data, n_keys, seed=seed))
             log(
                 f"  {d * 1e9:g} nm: deployed {100 * np.mean(row['deployed'][-1]):.2f} %, "
                 f"trained {100 * np.mean(row['trained'][-1]):.2f} %"

@@ -82,7 +82,9 @@ def test_design_starts_at_the_base_device():
     np.testing.assert_allclose(design.input_scale(), 1.3 * mtjax.current_scale(PAPER), rtol=1e-5)
 
 
-@pytest.mark.parametrize("mode", ["table", "thermal", "ode"])
+@pytest.mark.parametrize(
+    "mode", ["table", "thermal", pytest.param("ode", marks=pytest.mark.slow)]
+)  # ode: ~1 min; the ode design gradient is also checked against the tables (slow)
 def test_loss_and_energy_gradients_match_finite_differences(mode):
     with jax.enable_x64(True):
         p = mtjax.DeviceParams.paper(temperature=300.0 if mode == "thermal" else 0.0)
@@ -110,6 +112,7 @@ def test_loss_and_energy_gradients_match_finite_differences(mode):
             assert abs(float(grad[name]) - float(fd)) <= 1e-3 * abs(float(fd)) + 1e-9, name
 
 
+@pytest.mark.slow  # ~1.5 min: compiles three live x64 gradients
 def test_modes_agree_on_the_design_gradient():
     # table, thermal (at T = 0 it is the table) and ode: one physics, one gradient
     with jax.enable_x64(True):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import jax
+import numpy as np
 import pytest
 
 from mtjax import experiments, train
@@ -152,8 +153,17 @@ def test_reproduce_quick_smoke(tmp_path):
         assert name in table
     saved = json.loads((tmp_path / "paper_reproduction.json").read_text())
     assert saved["rows"] == report["rows"]
+    rows = {r["experiment"]: r for r in saved["rows"]}
+    # noisy rows are mean ± std over 5 noise keys, noise-free ones a single evaluation
+    for label in ("thermal, 300 K", "table, 5 % variation + 0.01 read noise"):
+        row = rows[f"(iii) FMNIST MLP: deploy, {label}"]
+        assert row["noise_keys"] == 5 and " ± " in row["mtj_pp"], row
+    assert rows["(iii) FMNIST MLP: deploy, table, ideal device"]["noise_keys"] == 1
     rob = json.loads((tmp_path / "robustness.json").read_text())
     assert len(rob["accuracy_pp"]["inference"]) == len(rob["variation"])
+    assert rob["n_keys"] == 5
+    std = np.asarray(rob["std_over_keys_pp"]["inference"])
+    assert std[0, 0] == 0 and std[-1, -1] > 0  # no noise: one evaluation; noisy: a spread
     assert (tmp_path / "robustness.png").stat().st_size > 1000
     assert saved["cifar100"] == "skipped (--skip-cifar)"
 
