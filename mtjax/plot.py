@@ -258,8 +258,8 @@ def population(
         if devices.n_devices is None:
             raise ValueError("devices: MTJActivation with one shared device; use plot.response")
         scale = devices.input_scale if input_scale is None else _positive_scale(input_scale)
-        n = devices.n_devices
-        per_z = jax.vmap(lambda zi: jnp.stack(devices.read(jnp.full((n,), zi)), axis=-1))
+        n, clean = devices.n_devices, devices.noise_free()
+        per_z = jax.vmap(lambda zi: jnp.stack(clean.read(jnp.full((n,), zi)), axis=-1))
         curves = np.asarray(per_z(jnp.asarray(z, jnp.result_type(float))))[..., col].T
     else:
         if not isinstance(devices, DeviceParams) or len(devices.batch_shape) != 1:

@@ -172,6 +172,18 @@ def test_population_of_activation_p2():
         plot.population(act, which="p3")
 
 
+@pytest.mark.parametrize("mode", ["thermal", "table"])
+def test_population_of_a_noisy_activation_draws_the_noise_free_curves(mode):
+    hot = mtjax.DeviceParams.paper(temperature=300.0)
+    devs = mtjax.sample_devices(hot, jax.random.key(2), 3, IDEAL_SPREAD)
+    act = MTJActivation(devs, mode=mode, read_noise=0.05, n_grid=33)
+    clean = MTJActivation(devs, mode="table", n_grid=33)
+    ax = plot.population(act, z=Z)
+    for i in range(3):
+        expected = np.asarray([clean(jnp.full(3, z))[i] for z in Z])
+        np.testing.assert_allclose(ax.lines[i].get_ydata(), expected, atol=1e-6)
+
+
 def test_sweep_matches_closed_form():
     p = mtjax.DeviceParams.paper()
     ax1, ax2 = plot.sweep(p, "xi1", [0.0, 0.5, 1.0], z=Z)

@@ -634,11 +634,22 @@ class MTJActivation(eqx.Module):
         """Copy driving `params` (same batch shape) at `input_scale`, with gradients to both
         (`train_device=True`) and tables derived from them; the static settings (mode,
         steps, grid, ...) are kept. Used by `mtjax.codesign` inside a loss."""
+        new = self._copy(train_device=True)
+        return eqx.tree_at(lambda a: (a.params, a.input_scale), new, (params, input_scale))
+
+    def noise_free(self) -> MTJActivation:
+        """Copy reading the noise-free response of the same devices (same tables, steps and
+        reset states): no read noise, and "thermal" reads its tables' deterministic curves
+        ("table"), "sde" integrates without noise ("ode"). For drawing device curves."""
+        mode = {"thermal": "table", "sde": "ode"}.get(self.mode, self.mode)
+        return self._copy(read_noise=0.0, mode=mode)
+
+    def _copy(self, **static) -> MTJActivation:
+        """Shallow copy with some static fields replaced (no table rebuild)."""
         new = object.__new__(type(self))
         for f in dataclasses.fields(self):
-            object.__setattr__(new, f.name, getattr(self, f.name))
-        object.__setattr__(new, "train_device", True)
-        return eqx.tree_at(lambda a: (a.params, a.input_scale), new, (params, input_scale))
+            object.__setattr__(new, f.name, static.get(f.name, getattr(self, f.name)))
+        return new
 
     @property
     def stochastic(self) -> bool:
