@@ -16,8 +16,11 @@
   transform is skipped on steps where its gradient is exactly zero (cached steps).
 - `EnergyLoss`: cross-entropy + weight x (energy per inference / reference energy).
 
-Static solver settings (pulse steps, table grid) are chosen once for the whole design box,
-so they stay valid wherever the optimizer goes.
+Static solver settings (pulse steps, table grid) are chosen once for the whole design box.
+The pulse steps bound the rotation anywhere in the box; the table grid is sized from the
+gain only, not from field-driven precession: with strong anisotropy or bias fields and long
+pulses (e.g. hk = 2e4 A/m, tau ~ 3 ns) the response oscillates faster than the grid resolves
+and a table can be off by ~0.3. Check such designs against mode="ode" (known limitation).
 """
 
 from __future__ import annotations
