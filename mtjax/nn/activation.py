@@ -66,6 +66,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from mtjax.analytic import closed_form_violations, current_scale, pulse_angles
 from mtjax.constants import TIME_UNIT
+from mtjax.draws import normals
 from mtjax.integrators import steps_for, too_coarse
 from mtjax.moments import moments_scan
 from mtjax.params import DeviceParams, over_devices
@@ -144,7 +145,9 @@ class TableGrid(eqx.Module):
 
     def locate(self, z: Array) -> tuple[Array, Array]:
         """Interval index and local coordinate t in [0, 1] of each z (|z| <= z_max)."""
-        pos = (jnp.arcsinh(z / self.z0) + self.s_max) / self.ds
+        a = jnp.abs(z) / self.z0  # asinh by its log form: cheaper than jnp.arcsinh on CPU
+        s = jnp.where(z < 0, -1.0, 1.0) * jnp.log(a + jnp.sqrt(1.0 + a * a))
+        pos = (s + self.s_max) / self.ds
         i = jnp.clip(jnp.floor(pos), 0, self.n_grid - 2).astype(jnp.int32)
         return i, pos - i
 
@@ -184,8 +187,10 @@ class ResponseTable(eqx.Module):
 
     `coef[..., i, k, :]` holds the cubic coefficients (c0, c1, c2, c3) of curve k on interval
     i of `grid`, in the local coordinate t in [0, 1]: value = c0 + c1 t + c2 t^2 + c3 t^3.
-    Curves: 0 m.p1, 1 m.p2 (noise-free); thermal tables add 2, 3 the mean shifts of m.p1,
-    m.p2, 4, 5 their standard deviations, 6 their correlation (`build_noise_table`)."""
+    Curves: 0 m.p1, 1 m.p2 (noise-free); thermal tables add the sampling curves of
+    (m.p1, m.p2) = mean + L e, e ~ N(0, I_2) (`build_noise_table`): 2, 3 the means, 4 the
+    std of m.p1 (L11), 5 and 6 the Cholesky factors L21 = rho s2, L22 = sqrt(1 - rho^2) s2
+    (s2: std of m.p2, rho: their correlation)."""
 
     coef: Float[Array, "*batch n_interval k 4"]
     grid: TableGrid
@@ -333,7 +338,21 @@ def build_noise_table(
     T = 0. Differentiable w.r.t. params and input_scale."""
     input_scale = jnp.asarray(input_scale, dtype=jnp.result_type(float))
     m0 = jnp.broadcast_to(jnp.asarray(M_UP if m0 is None else m0), (*params.batch_shape, 3))
-    return _build_noise_table(params, input_scale, grid, int(steps), m0)
+    return hermite_coefficients_over(_noise_nodes(params, input_scale, grid, int(steps), m0))
+
+
+def hermite_coefficients_over(y: Array) -> Array:
+    """`hermite_coefficients` of node values `y` (*batch, n_grid + 4, k)."""
+    flat = y.reshape(-1, *y.shape[-2:])
+    return jax.vmap(hermite_coefficients)(flat).reshape(*y.shape[:-2], -1, y.shape[-1], 4)
+
+
+def sampling_curves(stats: Array) -> Array:
+    """Node values of the thermal sampling curves (mean shift 1, 2, L11, L21, L22) from
+    those of `build_noise_table`'s statistics (d1, d2, s1, s2, rho); last axis 5."""
+    d1, d2, s1, s2, rho = jnp.moveaxis(stats, -1, 0)
+    rho = jnp.clip(rho, -1.0, 1.0)
+    return jnp.stack([d1, d2, s1, rho * s2, _safe_sqrt(1.0 - rho * rho) * s2], axis=-1)
 
 
 def _safe_sqrt(x):
@@ -342,7 +361,8 @@ def _safe_sqrt(x):
 
 
 @eqx.filter_jit
-def _build_noise_table(params, input_scale, grid: TableGrid, steps, m0):
+def _noise_nodes(params, input_scale, grid: TableGrid, steps, m0):
+    """(d1, d2, s1, s2, rho) at the nodes of `grid` plus two on each side, per device."""
     zs = grid.nodes()
 
     def one_device(p, m_start):
@@ -360,7 +380,7 @@ def _build_noise_table(params, input_scale, grid: TableGrid, steps, m0):
             d1, d2 = pol @ delta
             return jnp.stack([d1, d2, s1, s2, rho])
 
-        return hermite_coefficients(jax.vmap(one_node)(zs))
+        return jax.vmap(one_node)(zs)
 
     return over_devices(one_device, params, m0)
 
@@ -386,11 +406,10 @@ def _device_projections(cfg: _Config, dev, z: Array, sde_key, with_p2: bool):
         u, psi = pulse_angles(params, z * input_scale)
         return jnp.tanh(u), (jnp.cos(psi) / jnp.cosh(u) if with_p2 else None)
     if cfg.mode in ("table", "thermal"):
-        y = hermite_eval(table.coef, table.grid, z)
-        p1, p2 = y[..., 0], y[..., 1]
         if cfg.mode == "thermal" and sde_key is not None:  # no key: T = 0 (checked)
-            p1, p2 = _thermal_sample(y, p1, p2, sde_key)
-        return p1, (p2 if with_p2 else None)
+            return _thermal_sample(table, z, sde_key, with_p2)
+        y = hermite_eval(table.coef[..., :2, :], table.grid, z)
+        return y[..., 0], (y[..., 1] if with_p2 else None)
     # "ode" / "sde": one solve per neuron
     shared = params.batch_shape == ()
     flat = z.reshape(-1) if shared else z
@@ -419,16 +438,17 @@ def _device_projections(cfg: _Config, dev, z: Array, sde_key, with_p2: bool):
     return p1, (p2 if with_p2 else None)
 
 
-def _thermal_sample(y, p1, p2, key):
-    """One correlated Gaussian draw of both read-outs around the noise-free table values;
-    `y` (*z, 7): the evaluated curves of a thermal `ResponseTable`."""
-    d1, d2, s1, s2, rho = jnp.moveaxis(y[..., 2:], -1, 0)
-    e1, e2 = jax.random.normal(key, (2, *p1.shape), p1.dtype)
-    rho = jnp.clip(rho, -1.0, 1.0)
-    s1, s2 = jnp.maximum(s1, 0.0), jnp.maximum(s2, 0.0)
-    p1 = p1 + d1 + s1 * e1
-    p2 = p2 + d2 + s2 * (rho * e1 + _safe_sqrt(1.0 - rho * rho) * e2)
-    return p1, p2
+def _thermal_sample(table: ResponseTable, z: Array, key, with_p2: bool):
+    """One correlated Gaussian draw of both read-outs from the sampling curves of a thermal
+    table: (m.p1, m.p2) = mean + L e, e from `mtjax.draws.normals(key, (2, *z.shape))`
+    (m.p2 None if not `with_p2`; m.p1 is the same either way)."""
+    y = hermite_eval(table.coef[..., 2:, :], table.grid, z)
+    m1, m2, l11, l21, l22 = jnp.moveaxis(y, -1, 0)
+    e = normals(key, (2 if with_p2 else 1, *z.shape), z.dtype)
+    p1 = m1 + jnp.maximum(l11, 0.0) * e[0]
+    if not with_p2:
+        return p1, None
+    return p1, m2 + l21 * e[0] + jnp.maximum(l22, 0.0) * e[1]
 
 
 def _read(params: DeviceParams, proj: Array, polarizer: int, read_noise: float, noise):
@@ -616,10 +636,15 @@ class MTJActivation(eqx.Module):
             m0=self.m0,
         )  # fmt: skip
         if self.mode == "thermal":
-            noise = build_noise_table(
-                self.params, self.input_scale, self.grid, steps=self.steps, m0=self.m0
+            input_scale = jnp.asarray(self.input_scale, dtype=jnp.result_type(float))
+            m0 = jnp.broadcast_to(
+                jnp.asarray(M_UP if self.m0 is None else self.m0), (*self.params.batch_shape, 3)
             )
-            table = ResponseTable(jnp.concatenate([table.coef, noise], axis=-2), table.grid)
+            stats = _noise_nodes(self.params, input_scale, self.grid, self.steps, m0)
+            noise = hermite_coefficients_over(sampling_curves(stats))
+            means = table.coef + noise[..., :2, :]  # exact at T = 0 (zero shifts)
+            coef = jnp.concatenate([table.coef, means, noise[..., 2:, :]], axis=-2)
+            table = ResponseTable(coef, table.grid)
         return table
 
     def rebuild(self) -> MTJActivation:
