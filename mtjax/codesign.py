@@ -17,10 +17,11 @@
 - `EnergyLoss`: cross-entropy + weight x (energy per inference / reference energy).
 
 Static solver settings (pulse steps, table grid) are chosen once for the whole design box.
-The pulse steps bound the rotation anywhere in the box; the table grid is sized from the
-gain only, not from field-driven precession: with strong anisotropy or bias fields and long
-pulses (e.g. hk = 2e4 A/m, tau ~ 3 ns) the response oscillates faster than the grid resolves
-and a table can be off by ~0.3. Check such designs against mode="ode" (known limitation).
+The pulse steps bound the rotation anywhere in the box. The table grid is refined until the
+designs at the box's corners pass the tables' resolution test (strong fields with long
+pulses oscillate in z: hk = 2e4 A/m at tau = 2.9 ns needs ~2049 nodes), and every live
+rebuild repeats the test, so a design that leaves the resolved range raises at run time
+instead of training on a wrong table.
 """
 
 from __future__ import annotations
@@ -41,7 +42,12 @@ from mtjax.analytic import current_scale
 from mtjax.constants import GAMMA0
 from mtjax.energy import EnergyTable, ResetModel, energy_table
 from mtjax.integrators import steps_for
-from mtjax.nn.activation import DEFAULT_Z_MAX, MTJActivation, TableGrid
+from mtjax.nn.activation import (
+    DEFAULT_Z_MAX,
+    MTJActivation,
+    TableGrid,
+    resolved_table,
+)
 from mtjax.nn.cnn import HeadedClassifier
 from mtjax.nn.models import MLP, apply_activation
 from mtjax.params import DeviceParams
@@ -262,6 +268,30 @@ def _box_settings(design: Design, deviations: Deviations | None, z_max: float, n
     return steps_for(theta, "rk4_scan"), grid
 
 
+#: Variables whose box corners `_resolved_box_grid` checks first (those that shape the
+#: dynamics); at most 2**8 corners, the other free variables stay at the start value.
+_CORNER_ORDER = ("pulse_duration", "hk", "h_bias", "Ms", "input_scale", "alpha", "xi1",
+                 "thickness", "diameter", "eta1")  # fmt: skip
+
+
+def _resolved_box_grid(design: Design, grid: TableGrid, steps: int, refine: bool) -> TableGrid:
+    """`grid`, refined (nodes doubled) until the response tables of the designs at the
+    corners of the box (at the box's pulse `steps`) pass the resolution test
+    (`mtjax.nn.activation.TABLE_D4_MAX`); without `refine` (a given n_grid) an unresolved
+    corner raises ValueError (so does a box whose response is discontinuous in z, e.g. a
+    switching threshold: narrow the bounds)."""
+    names = [n for n in _CORNER_ORDER if n in design.space.free][:8]
+    corners = []
+    for c in range(2 ** len(names)):
+        theta = dict(design.theta)
+        for i, name in enumerate(names):
+            theta[name] = jnp.full_like(theta[name], 30.0 if (c >> i) & 1 else -30.0)
+        corners.append(eqx.tree_at(lambda d: d.theta, design, theta))
+    devices = jax.tree.map(lambda *v: jnp.stack(v), *[d.nominal() for d in corners])
+    scales = jnp.stack([d.input_scale() for d in corners])
+    return resolved_table(devices, scales, grid, "rk4_scan", steps, None, refine=refine).grid
+
+
 def _largest_gain(design: Design) -> float:
     """Largest u/z of the nominal device over the design box: the gain bound if the driver
     follows the device, else the fixed current over the smallest current scale among the
@@ -298,6 +328,7 @@ class DesignedMTJ(eqx.Module):
     v_read: float = eqx.field(static=True)
     t_read: float = eqx.field(static=True)
     energy_steps: int = eqx.field(static=True)
+    inert: tuple[str, ...] = eqx.field(static=True)  # response-inert free variables
     accepts_key = True
 
     def __init__(
@@ -323,6 +354,8 @@ class DesignedMTJ(eqx.Module):
         if mode == "analytic" and {"hk", "h_bias"} & set(design.space.free):
             raise ValueError("mode='analytic' assumes zero fields: hk/h_bias cannot be free")
         steps, grid = _box_settings(design, deviations, float(z_max), n_grid)
+        if mode in ("table", "thermal"):
+            grid = _resolved_box_grid(design, grid, steps, refine=n_grid is None)
         self.design, self.deviations = design, deviations
         self.reset = ResetModel() if reset is None else reset
         self.v_read, self.t_read = float(v_read), float(t_read)
@@ -334,7 +367,9 @@ class DesignedMTJ(eqx.Module):
         self.energy_steps = max(64, steps)
         self.energy_cache = self._energy(devices, scale)
         self.live = jnp.asarray(False)
+        self.inert = ()
         inert = self.response_inert()
+        self.inert = inert  # the response path gives them exactly zero gradient
         if inert and not energy:
             raise ValueError(
                 f"free design variables {inert} do not change the response of these neurons "
@@ -375,8 +410,17 @@ class DesignedMTJ(eqx.Module):
         return tuple(name for name, size in sizes.items() if size <= tol)
 
     def activation(self) -> MTJActivation:
-        """The exact `MTJActivation` of the current design (tables rebuilt, differentiable)."""
-        devices, scale = self._devices_and_scale(self.design, self.deviations)
+        """The exact `MTJActivation` of the current design (tables rebuilt, differentiable).
+        The `inert` variables are held (stop_gradient): their response gradient is
+        structurally zero, and float32 round-off would otherwise move them under Adam."""
+        design = self.design
+        if self.inert:
+            theta = {
+                k: jax.lax.stop_gradient(v) if k in self.inert else v
+                for k, v in design.theta.items()
+            }
+            design = eqx.tree_at(lambda d: d.theta, design, theta)
+        devices, scale = self._devices_and_scale(design, self.deviations)
         return self.template.with_devices(devices, scale)
 
     def refreshed(self) -> DesignedMTJ:
@@ -577,22 +621,27 @@ def energy_per_example(model, x: Float[ArrayLike, "..."], *, key=None) -> Float[
 
 class EnergyLoss(eqx.Module):
     """Per-example loss cross-entropy + `weight` x energy per inference / `reference` (J)
-    for `mtjax.train.train(..., loss_fn=EnergyLoss(...))`."""
+    for `mtjax.train.train(..., loss_fn=EnergyLoss(...))`. Both are arrays (traced in the
+    compiled step): a sweep over weights compiles the training step once."""
 
-    weight: float = eqx.field(static=True)
-    reference: float = eqx.field(static=True)
+    weight: Float[Array, ""]
+    reference: Float[Array, ""]
     needs_model = True
 
-    def __check_init__(self):
-        if not (math.isfinite(self.weight) and self.weight >= 0):
-            raise ValueError(f"weight: must be finite and >= 0, got {self.weight}")
-        if not (math.isfinite(self.reference) and self.reference > 0):
-            raise ValueError(f"reference: must be finite and > 0 (J), got {self.reference}")
+    def __init__(self, weight: float | ArrayLike, reference: float | ArrayLike):
+        for name, v, ok, need in (
+            ("weight", weight, lambda a: a >= 0, ">= 0"),
+            ("reference", reference, lambda a: a > 0, "> 0 (J)"),
+        ):
+            if not isinstance(v, jax.core.Tracer):
+                a = np.asarray(v, dtype=np.float64)
+                if a.shape != () or not (np.isfinite(a) and ok(a)):
+                    raise ValueError(f"{name}: must be a finite scalar {need}, got {v!r}")
+        self.weight = jnp.asarray(weight, dtype=jnp.result_type(float))
+        self.reference = jnp.asarray(reference, dtype=jnp.result_type(float))
 
     def __call__(self, logits, x, y, *, model, key=None):
         ce = cross_entropy(logits, x, y)
-        if self.weight == 0:
-            return ce
         if key is None:
             energy = jax.vmap(lambda xi: energy_per_example(model, xi))(x)
         else:  # the examples' own keys (as in the logits): the same noisy activations

@@ -516,7 +516,8 @@ def network_energy(
 ) -> NetworkEnergy:
     """Energy and latency per inference of the `MTJActivation` neurons of `model` (an `MLP`,
     or a `HeadedClassifier` whose head is one) over the examples `x` (a batch, leading
-    axis). The network runs as `model(x_i, key=k_i)` does (`key` split per example; needed by
+    axis); a `mtjax.codesign.DesignedMTJ` layer counts as its current design's activation
+    (with the reset and read settings given here). The network runs as `model(x_i, key=k_i)` does (`key` split per example; needed by
     stochastic layers), every MTJ neuron is charged at its clipped pre-activation, with its
     own device, input_scale and reset state m0. `method`: "table" (`energy_table` on the
     activation's grid, fast) or "direct" (`activation_energy` per neuron and example).
@@ -540,6 +541,8 @@ def network_energy(
     reset = ResetModel() if reset is None else reset
     v_read, t_read = _check_read(v_read, t_read)
 
+    # designed layers (`mtjax.codesign.DesignedMTJ`) are charged as their current design
+    mlp = eqx.tree_at(lambda m: m.activations, mlp, tuple(map(_as_mtj, mlp.activations)))
     layers = []  # per hidden layer: None (software) or (evaluator, latency)
     n_neurons = 0
     for layer, act in zip(mlp.layers[:-1], mlp.activations, strict=True):
@@ -579,6 +582,15 @@ def network_energy(
         n_neurons=n_neurons,
         n_examples=n,
     )
+
+
+def _as_mtj(act):
+    """`act`, or the exact `MTJActivation` an object with `.activation()` stands for."""
+    if not isinstance(act, MTJActivation) and callable(getattr(act, "activation", None)):
+        exact = act.activation()
+        if isinstance(exact, MTJActivation):
+            return exact
+    return act
 
 
 class _Direct(eqx.Module):

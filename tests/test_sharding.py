@@ -170,8 +170,8 @@ def test_four_device_batches_shard_for_tables_and_ensembles():
         0
     ].data.shape == (2, 3)
     scale = mtjax.current_scale(p)
-    ref = build_table(devs, scale, n_grid=16)
-    tab = build_table(sharded, scale, n_grid=16)
+    ref = build_table(devs, scale, n_grid=33)
+    tab = build_table(sharded, scale, n_grid=33)
     assert tab.coef.sharding.spec == jax.sharding.PartitionSpec("data")  # built where it lives
     np.testing.assert_allclose(tab.coef, ref.coef, rtol=1e-5, atol=1e-5)
     currents = jnp.linspace(-2, 2, 8) * scale

@@ -121,3 +121,44 @@ def test_params_print_with_units():
     assert "Ms=1e+06 A/m" in text and "pulse_duration=1e-09 s" in text and "f32[" not in text
     devs = mtjax.sample_devices(PAPER, jax.random.key(0), 8)
     assert "batch_shape=(8,)" in repr(devs) and "(mean +- std)" in repr(devs)
+
+
+def test_tables_resolve_field_driven_precession_or_raise():
+    # the probe: at hk = 2e4 A/m, tau = 2.9 ns the 129-node table was off by 0.29, and
+    # MTJActivation(n_grid=33) at hk = 5e4 returned m_x = 1.084, both silently
+    z = jnp.linspace(-6.0, 6.0, 1201)
+    for p in (PAPER.replace(hk=2e4, pulse_duration=2.9e-9), PAPER.replace(hk=5e4)):
+        act = MTJActivation(p, mode="table")  # grid refined until the resolution test passes
+        assert act.n_grid > 129
+        ref = MTJActivation(p, mode="ode", steps=400)
+        assert float(jnp.max(jnp.abs(act(z) - ref(z)))) < 1e-3
+    with pytest.raises(ValueError, match="33-node response table does not resolve.*n_grid"):
+        MTJActivation(PAPER.replace(hk=5e4), mode="table", n_grid=33)
+    assert MTJActivation(PAPER, mode="table").n_grid == 129  # the paper device: unchanged
+    # traced params (co-design rebuilds inside the loss): the same test raises at run time
+    grid = MTJActivation(PAPER, mode="table").grid
+
+    @eqx.filter_jit
+    def rebuilt(hk):
+        p = PAPER.replace(hk=hk)
+        return mtjax.nn.activation.build_table(p, I_S, grid=grid, steps=80).coef
+
+    jax.block_until_ready(rebuilt(jnp.asarray(0.0)))
+    with pytest.raises(eqx.EquinoxRuntimeError, match="does not resolve"):
+        jax.block_until_ready(rebuilt(jnp.asarray(5e4)))
+
+
+def test_table_resolution_test_bounds_the_midpoint_error():
+    # the calibration behind TABLE_D4_MAX: midpoint error <= 0.1 x the largest 4th difference
+    from mtjax.nn.activation import TableGrid, _build_table, _pulse, hermite_eval
+
+    for p, n in ((PAPER, 17), (PAPER.replace(hk=1e4, pulse_duration=3e-9), 129),
+                 (PAPER.replace(hk=2e4, pulse_duration=2.9e-9), 129),
+                 (PAPER.replace(xi1=0.3, h_bias=jnp.array([0.0, 0.0, 4e3])), 33)):  # fmt: skip
+        grid = TableGrid.for_devices(p, I_S, 6.0, n)
+        table, d4 = _build_table(p, jnp.asarray(I_S), grid, "rk4_scan", 100, jnp.array([0, 0, 1.0]))
+        s = -grid.s_max + (jnp.arange(n - 1) + 0.5) * grid.ds
+        zm = grid.z0 * jnp.sinh(s)
+        ref = jax.vmap(lambda z, p=p: _pulse(p, z * I_S, None, "rk4_scan", 100))(zm)
+        err = float(jnp.max(jnp.abs(hermite_eval(table.coef, grid, zm) - ref)))
+        assert err <= 0.1 * float(d4), (p.hk, n, err, float(d4))

@@ -92,6 +92,14 @@ DEFAULT_SDE_STEPS = 200
 DEFAULT_N_GRID = 129
 #: Largest node spacing in s = asinh(z / z0) of `TableGrid.for_devices`.
 MAX_DS = 0.06
+#: Resolution test of every table build: the largest |4th difference| d4 of the node values
+#: (both read-outs, in s). The Hermite error at the interval midpoints was 0.004-0.08 x d4
+#: on under- and well-resolved devices (paper, hk up to 5e4 A/m, bias, field-like torque,
+#: 17-129 nodes; `tests/test_nn.py`), so d4 <= 1e-2 keeps a table within ~1e-3 of the ODE.
+#: Above it `MTJActivation` doubles its nodes (up to MAX_N_GRID), a given grid raises
+#: ValueError, and a traced build (co-design) raises at run time.
+TABLE_D4_MAX = 1e-2
+MAX_N_GRID = 4097
 DEFAULT_Z_MAX = 6.0
 #: Neurons per `lax.map` chunk in "ode"/"sde"; 0 = one vmap over all neurons (fastest on
 #: CPU with the current solver; a chunk bounds memory, e.g. for "autodiff" through "sde").
@@ -308,18 +316,70 @@ def build_table(
         grid = TableGrid.for_devices(params, input_scale, float(z_max), n_grid)
     steps = pulse_steps(params, grid.reach * input_scale, solver, steps, DEFAULT_ODE_STEPS)
     m0 = jnp.broadcast_to(jnp.asarray(M_UP if m0 is None else m0), (*params.batch_shape, 3))
-    return _build_table(params, input_scale, grid, solver, steps, m0)
+    table, d4 = _build_table(params, input_scale, grid, solver, steps, m0)
+    return _checked_resolution(table, d4)
+
+
+def resolved_table(
+    params: DeviceParams,
+    input_scale,
+    grid: TableGrid,
+    solver: str,
+    steps: int,
+    m0,
+    *,
+    refine: bool = True,
+) -> ResponseTable:
+    """`build_table` on `grid`, its nodes doubled (2n - 1) until the resolution test passes
+    (`TABLE_D4_MAX`); ValueError beyond MAX_N_GRID nodes (or at once without `refine`).
+    Concrete params only;
+    `input_scale` may hold one value per device."""
+    m0 = jnp.broadcast_to(jnp.asarray(M_UP if m0 is None else m0), (*params.batch_shape, 3))
+    input_scale = jnp.asarray(input_scale, dtype=jnp.result_type(float))
+    while True:
+        table, d4 = _build_table(params, input_scale, grid, solver, steps, m0)
+        if not refine or float(d4) <= TABLE_D4_MAX or 2 * grid.n_grid - 1 > MAX_N_GRID:
+            return _checked_resolution(table, d4)
+        grid = TableGrid(grid.z_max, 2 * grid.n_grid - 1, grid.z0)
+
+
+def _checked_resolution(table: ResponseTable, d4) -> ResponseTable:
+    n = table.grid.n_grid
+    why = (
+        f"the {n}-node response table does not resolve these devices (largest 4th difference"
+        f" of the node values {{}} > {TABLE_D4_MAX:g}: the response varies faster in z than"
+        " the grid, e.g. strong anisotropy/bias fields with long pulses, or jumps at a"
+        " switching threshold)"
+    )
+    if isinstance(d4, jax.core.Tracer):
+        coef = eqx.error_if(table.coef, d4 > TABLE_D4_MAX, why.format("above the limit"))
+        return ResponseTable(coef, table.grid)
+    if float(d4) > TABLE_D4_MAX:
+        raise ValueError(
+            why.format(f"{float(d4):.3g}") + "; use more nodes (n_grid), or "
+            "MTJActivation(n_grid=None), which refines its grid until the test passes"
+            + (f" (here beyond MAX_N_GRID = {MAX_N_GRID})" if n * 2 - 1 > MAX_N_GRID else "")
+        )
+    return table
+
+
+def fourth_difference(y: Array) -> Array:
+    """Central 4th differences along the first axis (n + 4, ...) -> (n, ...)."""
+    return y[:-4] - 4 * y[1:-3] + 6 * y[2:-2] - 4 * y[3:-1] + y[4:]
 
 
 @eqx.filter_jit
 def _build_table(params, input_scale, grid: TableGrid, solver, steps, m0):
+    """(table, largest |4th difference| of its node values over devices and read-outs)."""
     zs = grid.nodes()
 
-    def one_device(p, m):
-        y = jax.vmap(lambda z: _pulse(p, z * input_scale, None, solver, steps, m))(zs)
-        return hermite_coefficients(y)
+    def one_device(p, m, scale):
+        y = jax.vmap(lambda z: _pulse(p, z * scale, None, solver, steps, m))(zs)
+        return hermite_coefficients(y), jnp.max(jnp.abs(fourth_difference(y)))
 
-    return ResponseTable(coef=over_devices(one_device, params, m0), grid=grid)
+    scales = jnp.broadcast_to(input_scale, params.batch_shape)  # one, or one per device
+    coef, d4 = over_devices(one_device, params, m0, scales)
+    return ResponseTable(coef=coef, grid=grid), jnp.max(d4)
 
 
 def build_noise_table(
@@ -593,6 +653,7 @@ class MTJActivation(eqx.Module):
             raise ValueError(f"input_scale: expected a scalar (A), got shape {input_scale.shape}")
         if not isinstance(input_scale, jax.core.Tracer) and not float(input_scale) > 0:
             raise ValueError(f"input_scale: must be > 0 (A), got {float(input_scale)}")
+        refine = grid is None and n_grid is None
         if grid is None:
             grid = TableGrid.for_devices(params, input_scale, z_max, n_grid)
         elif grid.z_max != z_max:
@@ -613,7 +674,15 @@ class MTJActivation(eqx.Module):
             raise ValueError(f"chunk: must be an integer >= 0, got {chunk!r}")
         self.chunk = int(chunk)
         self.train_device = bool(train_device)
-        self.table = self._tables() if mode in ("table", "thermal") else None
+        self.table = None
+        if mode in ("table", "thermal"):
+            traced = any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(params))
+            if refine and not traced:
+                det = resolved_table(params, input_scale, grid, solver, self.steps, m0)
+                self.grid = det.grid
+            else:
+                det = None
+            self.table = self._tables(det)
 
     @property
     def n_devices(self) -> int | None:
@@ -630,11 +699,12 @@ class MTJActivation(eqx.Module):
         """Driver saturation current I_max = z_max * input_scale (A)."""
         return self.z_max * self.input_scale
 
-    def _tables(self) -> ResponseTable:
-        table = build_table(
-            self.params, self.input_scale, solver=self.solver, steps=self.steps, grid=self.grid,
-            m0=self.m0,
-        )  # fmt: skip
+    def _tables(self, table: ResponseTable | None = None) -> ResponseTable:
+        if table is None:
+            table = build_table(
+                self.params, self.input_scale, solver=self.solver, steps=self.steps,
+                grid=self.grid, m0=self.m0,
+            )  # fmt: skip
         if self.mode == "thermal":
             input_scale = jnp.asarray(self.input_scale, dtype=jnp.result_type(float))
             m0 = jnp.broadcast_to(
