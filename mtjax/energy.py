@@ -517,10 +517,11 @@ def network_energy(
     """Energy and latency per inference of the `MTJActivation` neurons of `model` (an `MLP`,
     or a `HeadedClassifier` whose head is one) over the examples `x` (a batch, leading
     axis); a `mtjax.codesign.DesignedMTJ` layer counts as its current design's activation
-    (with the reset and read settings given here). The network runs as `model(x_i, key=k_i)` does (`key` split per example; needed by
-    stochastic layers), every MTJ neuron is charged at its clipped pre-activation, with its
-    own device, input_scale and reset state m0. `method`: "table" (`energy_table` on the
-    activation's grid, fast) or "direct" (`activation_energy` per neuron and example).
+    (with the reset and read settings given here). The network runs as `model(x_i, key=k_i)`
+    does (`key` split per example; needed by stochastic layers), every MTJ neuron is charged
+    at its clipped pre-activation, with its own device, input_scale and reset state m0.
+    `method`: "table" (`energy_table` on the activation's grid, fast) or "direct"
+    (`activation_energy` per neuron and example).
     `batch_size`: examples per chunk (`lax.map`; None: all at once). Differentiable w.r.t.
     the weights, the device params and input_scale. Other arguments: `activation_energy`."""
     mlp, features = _mlp_of(model)
