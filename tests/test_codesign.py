@@ -247,3 +247,72 @@ def test_network_energy_counts_designed_layers():
     want = mtjax.network_energy(exact, x)
     np.testing.assert_allclose(float(got.total), float(want.total), rtol=1e-6)
     assert got.n_neurons == 6 and float(got.total) > 0
+
+
+@pytest.fixture(scope="module")
+def thermal_model():
+    return _model(Design(PAPER), mode="thermal", energy=True, width=6)
+
+
+def test_cached_step_program_has_no_rebuild(thermal_model):
+    # regression: inside a lax.cond the live branch's residuals (the whole table build) were
+    # materialized on cached steps too (8 s instead of 4 ms for 256 devices). Now a cached
+    # model's gradient program holds no scan (the rebuild integrates pulses with lax.scan).
+    model = thermal_model
+    x, y = _data(4)
+
+    def loss(m):
+        keys = jax.random.split(jax.random.key(0), x.shape[0])
+        return jnp.mean(train.cross_entropy(jax.vmap(lambda a, k: m(a, key=k))(x, keys), x, y))
+
+    def jaxpr_text(m):
+        params, static = eqx.partition(m, eqx.is_inexact_array)
+        return str(jax.make_jaxpr(jax.grad(lambda p: loss(eqx.combine(p, static))))(params))
+
+    assert " scan[" not in jaxpr_text(codesign.set_live(model, False))
+    assert " scan[" in jaxpr_text(codesign.set_live(model, True))
+    layer = model.activations[0]
+    with pytest.raises(TypeError, match="filter_jit"):  # a traced flag cannot pick a program
+        jax.jit(
+            lambda flag: eqx.tree_at(lambda s: s.live, layer, flag)(jnp.zeros(6), key=None)
+        )(True)  # fmt: skip
+
+
+def test_design_sensitivity_matches_finite_differences_and_steps_lower_the_loss(thermal_model):
+    from mtjax.sensitivity import design_sensitivity
+
+    x, y = _data(64, seed=3)
+    model = thermal_model
+    out = design_sensitivity(model, (np.asarray(x), np.asarray(y)), n_keys=2, log=lambda s: None)
+    rows = out["variables"]
+    assert rows["eta1"]["inert"] and rows["eta1"]["gradient"] == 0.0  # calibrated driver
+    for name in ("diameter", "thickness", "pulse_duration", "input_scale"):
+        r = rows[name]
+        assert abs(r["gradient"] - r["finite_difference"]) <= 2e-2 * abs(r["gradient"]), name
+        assert r["loss_decreased"] and r["loss_change"] < 0, name
+        assert r["step_direction"] == -np.sign(r["gradient"])
+    with pytest.raises(ValueError, match="exactly one DesignedMTJ"):
+        design_sensitivity(MLP((8, 4, 3), jnp.tanh, key=jax.random.key(0)), (x, y))
+
+
+def test_design_with_values_round_trips_and_checks_bounds():
+    design = Design(PAPER)
+    moved = design.with_values({"diameter": 30e-9, "input_scale": 1.5})
+    np.testing.assert_allclose(float(moved.value("diameter")), 30e-9, rtol=1e-5)
+    np.testing.assert_allclose(float(moved.value("input_scale")), 1.5, rtol=1e-5)
+    np.testing.assert_array_equal(moved.theta["thickness"], design.theta["thickness"])
+    with pytest.raises(ValueError, match="diameter"):
+        design.with_values({"diameter": 1e-6})
+    with pytest.raises(ValueError, match="not a free variable"):
+        design.with_values({"Ms": 1e6})
+
+
+@pytest.mark.slow  # ~1.5 min
+def test_codesign_script_quick(tmp_path):
+    import pathlib
+    import runpy
+
+    mod = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "scripts" / "codesign.py"))
+    out = mod["main"](["--quick", "--out", str(tmp_path), "--no-progress", "--keys", "2"])
+    assert (tmp_path / "codesign_sensitivity.md").read_text().count("| yes |") >= 1
+    assert set(out["variables"]) == set(codesign.DEFAULT_FREE)
