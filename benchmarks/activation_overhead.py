@@ -11,7 +11,13 @@ the variants (median, `block_until_ready`); "ratio" is relative to tanh.
 "thermal" (300 K, paper device; and one device per neuron) draws its thermal noise from the
 moment tables. The one-off cost of building the tables for 256 per-neuron devices
 (deterministic and thermal) is timed apart and reported in steps.
-Goals on CPU: "table" <= 1.2x tanh, "thermal" <= 1.5x, "ode" <= 20x.
+"joint_*": one joint weights + design step of `mtjax.codesign` (`DesignedMTJ`, thermal, 300 K,
+`joint_optimizer`, energy in the design): "live" rebuilds the response tables inside the
+loss (exact design gradient), "cached" uses the tables of the last refresh; shared device and
+256 per-neuron devices (5 % relative deviations). With `DesignSchedule(every=K)` one step in
+K is live: "amortized" gives (live + (K - 1) cached) / K from the measured medians (the
+refresh after a live step, a forward rebuild, is timed apart and added).
+Goals on CPU: "table" <= 1.2x tanh, "thermal" <= 1.5x, "ode" <= 20x, joint live <= 3x.
 
 Usage: python benchmarks/activation_overhead.py [--repeats N] [--quick] [--out FILE]
 """
@@ -31,10 +37,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from mtjax import DeviceParams
+from mtjax import DeviceParams, codesign
 from mtjax import train as _train
 from mtjax.fileio import atomic_write_bytes
 from mtjax.nn import MLP, MTJActivation, deploy, trainable
+from mtjax.variation import Spreads, sample_deviations
 
 SIZES = (784, 256, 10)
 BATCH = 256
@@ -54,9 +61,10 @@ def _parse(argv):
     return args
 
 
-def _prepare(model, x, y):
+def _prepare(model, x, y, optimizer=None):
     """Compile one variant; return (compile seconds, a zero-argument timed step, its state)."""
-    optimizer = _train.make_optimizer(_train.TrainConfig(lr=1e-3, schedule="constant"), 1)
+    if optimizer is None:
+        optimizer = _train.make_optimizer(_train.TrainConfig(lr=1e-3, schedule="constant"), 1)
     model, opt_state, mask = _train.init_state(model, optimizer, trainable(model))
     state = {"model": model, "opt": opt_state, "i": 0, "loss": None}
     key, ones = jax.random.key(1), jnp.ones(x.shape[0], bool)
@@ -90,7 +98,38 @@ def _time_rebuild(act: MTJActivation, repeats: int) -> dict:
     }
 
 
+def _designed(base, deviations, live: bool):
+    layer = codesign.DesignedMTJ(
+        codesign.Design(DeviceParams.paper()), deviations=deviations, mode="thermal", energy=True
+    )
+    return codesign.set_live(deploy(base, layer), live)
+
+
+def _time_refresh(model, repeats: int) -> float:
+    """Median ms of `codesign.refresh` (compiled), what DesignSchedule runs after a live step."""
+    jax.block_until_ready(codesign.refresh(model))
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        jax.block_until_ready(codesign.refresh(model))
+        times.append(time.perf_counter() - t0)
+    return 1e3 * statistics.median(times)
+
+
+def _amortized(results, refresh_ms, suffix=""):
+    live = results[f"joint_live{suffix}"]["step_ms"]
+    cached = results[f"joint_cached{suffix}"]["step_ms"]
+    ref = results["tanh"]["step_ms"]
+    out = {}
+    for k in (1, 10, 100, 1000):
+        ms = (live + refresh_ms + (k - 1) * cached) / k
+        out[f"every_{k}"] = {"step_ms": ms, "ratio": ms / ref}
+    return out
+
+
 def _settings(act):
+    if isinstance(act, str):
+        return act
     if not isinstance(act, MTJActivation):
         return "software"
     text = f"mode={act.mode}, derivative={act.derivative}"
@@ -124,11 +163,33 @@ def main(argv=None):
     variants.append(("ode", MTJActivation(paper, mode="ode"), args.slow_repeats))
     if not args.quick:
         variants.append(("sde", MTJActivation(paper, mode="sde"), args.slow_repeats))
+    joint = codesign.joint_optimizer(1e-3)
+    devs = sample_deviations(kp, SIZES[1], Spreads.relative(0.05))
+    text = "DesignedMTJ thermal 300 K, default free variables, joint_optimizer"
+    models = {
+        "joint_live": (_designed(base, None, True), text + ", live", args.repeats),
+        "joint_cached": (_designed(base, None, False), text + ", cached", args.repeats),
+        "joint_cached_per_neuron": (
+            _designed(base, devs, False), text + ", cached, 256 devices", args.repeats
+        ),
+    }
+    if not args.quick:  # ~1 min per step on 2 CPU cores
+        models["joint_live_per_neuron"] = (
+            _designed(base, devs, True), text + ", live, 256 devices", 1
+        )
+    refresh_ms = {
+        "shared": _time_refresh(models["joint_cached"][0], args.slow_repeats),
+        "per_neuron": _time_refresh(models["joint_cached_per_neuron"][0], 1),
+    }
 
     prepared = {}
     for name, act, repeats in variants:
         compile_s, run, state = _prepare(deploy(base, act), x, y)
         prepared[name] = (run, state, repeats, compile_s, [])
+    for name, (model, text, repeats) in models.items():
+        compile_s, run, state = _prepare(model, x, y, joint)
+        prepared[name] = (run, state, repeats, compile_s, [])
+        variants.append((name, text, repeats))
     # round-robin, so that background load affects every variant alike
     for r in range(max(v[2] for v in prepared.values())):
         for run, _, repeats, _, times in prepared.values():
@@ -153,6 +214,9 @@ def main(argv=None):
     for r in results.values():
         r["ratio"] = r["step_ms"] / ref
     rebuild["in_thermal_steps"] = rebuild["ms"] / results["thermal_per_neuron"]["step_ms"]
+    amortized = {"shared": _amortized(results, refresh_ms["shared"])}
+    if "joint_live_per_neuron" in results:
+        amortized["per_neuron"] = _amortized(results, refresh_ms["per_neuron"], "_per_neuron")
 
     report = {
         "benchmark": "activation_overhead",
@@ -161,11 +225,14 @@ def main(argv=None):
         "device": "DeviceParams.paper(); table_per_neuron: 256 devices, Ms 5 % rms",
         "results": results,
         "table_rebuild_256_devices": rebuild,
+        "codesign_refresh_ms": refresh_ms,
+        "codesign_amortized": amortized,
         "goals": {
             "table_le_1.2x_tanh": results["table"]["ratio"] <= 1.2,
             "thermal_le_1.5x_tanh": results["thermal"]["ratio"] <= 1.5,
             "thermal_per_neuron_le_1.5x_tanh": results["thermal_per_neuron"]["ratio"] <= 1.5,
             "ode_le_20x_tanh": results["ode"]["ratio"] <= 20,
+            "joint_live_le_3x_tanh": results["joint_live"]["ratio"] <= 3,
         },
         "platform": {
             "jax": jax.__version__,
