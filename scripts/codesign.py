@@ -17,6 +17,7 @@ from pathlib import Path
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 from mtjax import DeviceParams, codesign
 from mtjax import experiments as ex
@@ -51,6 +52,17 @@ def parse_args(argv=None):
     return args
 
 
+def _command(args) -> str:
+    """The command line that reproduces a run (non-default settings only)."""
+    defaults = vars(parse_args([]))
+    flags = [
+        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
+        for k, v in vars(args).items()
+        if k not in ("out", "no_progress") and v != defaults[k] and v is not False
+    ]
+    return " ".join(["python scripts/codesign.py", *flags])
+
+
 def _markdown(out: dict, command: str) -> str:
     lines = [
         f"# Design sensitivity (`{command}`, {out['wall_time_s'] / 60:.1f} min)",
@@ -67,7 +79,8 @@ def _markdown(out: dict, command: str) -> str:
     ]
     for name, r in out["variables"].items():
         if "finite_difference" not in r:
-            lines.append(f"| {name} | {r['value']} | {r['gradient']} | {r['note']} | | | | |")
+            value = np.array2string(np.asarray(r["value"]), precision=4)
+            lines.append(f"| {name} | {value} | {r['gradient']} | {r['note']} | | | | |")
             continue
         acc = r["accuracy_change"]
         lines.append(
@@ -109,7 +122,7 @@ def main(argv=None) -> dict:
     )  # fmt: skip
     folder = Path(args.out)
     path = atomic_write_json(folder / "codesign_sensitivity.json", out)
-    command = "python scripts/codesign.py" + (" --quick" if q else "")
+    command = _command(args)
     atomic_write_bytes(folder / "codesign_sensitivity.md", _markdown(out, command).encode())
     print(f"wrote {path}")
     return out
