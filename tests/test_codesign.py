@@ -316,3 +316,22 @@ def test_codesign_script_quick(tmp_path):
     out = mod["main"](["--quick", "--out", str(tmp_path), "--no-progress", "--keys", "2"])
     assert (tmp_path / "codesign_sensitivity.md").read_text().count("| yes |") >= 1
     assert set(out["variables"]) == set(codesign.DEFAULT_FREE)
+
+
+@pytest.mark.slow  # ~1.7 min
+def test_codesign_repair_script_quick(tmp_path):
+    import pathlib
+    import runpy
+
+    mod = runpy.run_path(str(pathlib.Path(__file__).parents[1] / "scripts" / "codesign_repair.py"))
+    out = mod["main"](["--quick", "--out", str(tmp_path), "--no-progress"])
+    rows = {(r["weights"], r["design"]): r for r in out["rows"]}
+    built = rows[("software", "as built")]
+    assert built["deviation"] > 0.15  # hk = 8e3 A/m bends m_x away from tanh
+    repaired = [r for r in out["rows"] if r["weights"] == "software (frozen)"]
+    assert len(repaired) == 4 and all("values" in r for r in repaired)
+    # weights frozen (the script checks): a shorter pulse undoes part of the precession
+    pulse = next(r for r in repaired if r["design"].startswith("pulse + gain,"))
+    assert pulse["values"]["pulse_duration"] < 0.9e-9
+    assert pulse["deviation"] < built["deviation"]
+    assert (tmp_path / "codesign_repair.png").stat().st_size > 0
