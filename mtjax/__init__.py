@@ -2,7 +2,7 @@
 
 Layers (imports point down): constants/params/variation/sharding -> physics ->
 integrators/solve/ensemble/moments -> readout/analytic -> nn -> energy/plot -> fetch ->
-data/train/distill -> experiments/findings -> scripts.
+data/train/distill/codesign -> experiments/findings/sensitivity -> scripts.
 """
 
 from mtjax import (
@@ -16,6 +16,7 @@ from mtjax import (
     physics,
     plot,
     readout,
+    sensitivity,
     sharding,
     train,
     variation,
@@ -69,6 +70,7 @@ __all__ = [
     "sample_deviations",
     "sample_devices",
     "sample_reset_states",
+    "sensitivity",
     "sharding",
     "simulate",
     "train",
