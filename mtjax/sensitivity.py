@@ -82,15 +82,23 @@ def _units(design: Design, name: str) -> tuple[str, Any]:
     return ("relative", None) if lo > 0 else ("range", hi - lo)
 
 
-def _moved(design: Design, name: str, h: float) -> Design:
+def _coordinate(design: Design, name: str) -> np.ndarray:
+    """Variable `name` in its units: ln x, or x / (hi - lo)."""
+    x = np.asarray(design.value(name), dtype=np.float64)
+    lo, hi = design.space.bound(name)
+    return np.log(x) if _units(design, name)[0] == "relative" else x / (hi - lo)
+
+
+def _moved(design: Design, name: str, h: float) -> tuple[Design, float]:
     """`design` with variable `name` moved by h in its units (x e^h, or x + h (hi - lo)),
-    clipped strictly inside the bounds."""
+    clipped strictly inside the bounds, and the move actually made (h, unless clipped)."""
     lo, hi = design.space.bound(name)
     x = np.asarray(design.value(name), dtype=np.float64)
     unit, span = _units(design, name)
     new = x * np.exp(h) if unit == "relative" else x + h * span
     pad = 1e-6 * (hi - lo)
-    return design.with_values({name: np.clip(new, lo + pad, hi - pad)})
+    moved = design.with_values({name: np.clip(new, lo + pad, hi - pad)})
+    return moved, float(np.sum(_coordinate(moved, name) - _coordinate(design, name)))
 
 
 def design_sensitivity(
@@ -108,10 +116,13 @@ def design_sensitivity(
     """Sensitivity table of `model`'s one `DesignedMTJ` layer on `test_data` (x, y); see the
     module doc. `fd_step`, `step`: finite-difference and finite-step sizes in ln x (or in
     bound ranges). Returns a JSON-able dict."""
-    if not (n_keys >= 1 and fd_step > 0 and step > 0):
-        raise ValueError(
-            f"n_keys >= 1, fd_step > 0, step > 0 needed; got {n_keys}, {fd_step}, {step}"
-        )
+    if not (isinstance(n_keys, int) and n_keys >= 1):
+        raise ValueError(f"n_keys: must be an integer >= 1, got {n_keys!r}")
+    for label, h in (("fd_step", fd_step), ("step", step)):
+        if not (np.isfinite(h) and h > 0):
+            raise ValueError(f"{label}: must be finite and > 0, got {h!r}")
+    if grad_examples is not None and not (isinstance(grad_examples, int) and grad_examples >= 1):
+        raise ValueError(f"grad_examples: must be None or an integer >= 1, got {grad_examples!r}")
     x, y = (jnp.asarray(a)[:grad_examples] for a in test_data)
     layer = _only_layer(model)
     n_dev = layer.n_devices or 1
@@ -159,19 +170,22 @@ def design_sensitivity(
             out["variables"][name] = row
             log(f"{name}: gradient {grad.tolist()} ({row['note']})")
             continue
-        losses = []
+        losses, moves = [], []
         for h in (fd_step, -fd_step):
-            moved = refresh(_with_design(model, _moved(design, name, h)))
-            losses.append(float(_cached_loss(moved, x, y, keys)))
-        row["finite_difference"] = (losses[0] - losses[1]) / (2 * fd_step)
+            moved, made = _moved(design, name, h)  # made != h where a bound clips the move
+            losses.append(float(_cached_loss(refresh(_with_design(model, moved)), x, y, keys)))
+            moves.append(made)
+        row["finite_difference"] = (losses[0] - losses[1]) / (moves[0] - moves[1])
+        row["fd_moves"] = moves
         sign = -float(np.sign(grad))
-        stepped = refresh(_with_design(model, _moved(design, name, sign * step)))
+        stepped_design, made = _moved(design, name, sign * step)
+        stepped = refresh(_with_design(model, stepped_design))
         acc = accuracies_over_keys(stepped, test_data, n_keys, seed=seed, batch_size=batch_size)
         loss_s = float(_cached_loss(stepped, x, y, keys))
         row.update(
-            step_direction=sign, stepped_value=np.asarray(
-                _moved(design, name, sign * step).value(name)).tolist(),
-            predicted_loss_change=float(grad) * sign * step, loss_change=loss_s - float(loss0),
+            step_direction=sign, step_made=made,
+            stepped_value=np.asarray(stepped_design.value(name)).tolist(),
+            predicted_loss_change=float(grad) * made, loss_change=loss_s - float(loss0),
             accuracy_change=mean_std(np.asarray(acc) - np.asarray(acc0)),
             loss_decreased=bool(loss_s < float(loss0)),
         )  # fmt: skip

@@ -278,6 +278,7 @@ def test_cached_step_program_has_no_rebuild(thermal_model):
         )(True)  # fmt: skip
 
 
+@pytest.mark.slow  # ~1 min; the default suite keeps the near-bound sensitivity test
 def test_design_sensitivity_matches_finite_differences_and_steps_lower_the_loss(thermal_model):
     from mtjax.sensitivity import design_sensitivity
 
@@ -293,6 +294,28 @@ def test_design_sensitivity_matches_finite_differences_and_steps_lower_the_loss(
         assert r["step_direction"] == -np.sign(r["gradient"])
     with pytest.raises(ValueError, match="exactly one DesignedMTJ"):
         design_sensitivity(MLP((8, 4, 3), jnp.tanh, key=jax.random.key(0)), (x, y))
+
+
+def test_sensitivity_near_a_bound_uses_the_moves_it_made():
+    # gain 1.9 in [0.5, 2]: x e^(+0.2) is clipped at 2, so a central difference over the
+    # nominal 2 x 0.2 would be ~35 % low; it must use the moves actually made
+    from mtjax.sensitivity import design_sensitivity
+
+    design = Design(PAPER, DesignSpace(("input_scale",)), gain=1.9)
+    x, y = _data(64, seed=3)
+    data, model = (np.asarray(x), np.asarray(y)), _model(design)
+    out = design_sensitivity(model, data, n_keys=1, fd_step=0.2, step=0.2,
+                             log=lambda s: None)  # fmt: skip
+    r = out["variables"]["input_scale"]
+    assert r["fd_moves"][0] < 0.06 and r["fd_moves"][1] == pytest.approx(-0.2, rel=1e-4)
+    assert abs(r["finite_difference"] - r["gradient"]) <= 0.15 * abs(r["gradient"])
+    assert r["predicted_loss_change"] == pytest.approx(r["gradient"] * r["step_made"])
+    for bad, match in (
+        (dict(grad_examples=0), "grad_examples"), (dict(n_keys=0), "n_keys"),
+        (dict(fd_step=float("nan")), "fd_step"), (dict(step=-1.0), "step"),
+    ):  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            design_sensitivity(model, data, **bad)
 
 
 def test_design_with_values_round_trips_and_checks_bounds():
