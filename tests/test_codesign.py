@@ -83,7 +83,12 @@ def test_design_starts_at_the_base_device():
 
 
 @pytest.mark.parametrize(
-    "mode", ["table", "thermal", pytest.param("ode", marks=pytest.mark.slow)]
+    "mode",
+    [
+        pytest.param("table", marks=pytest.mark.slow),  # ~55 s; "thermal" covers its path
+        "thermal",
+        pytest.param("ode", marks=pytest.mark.slow),
+    ],
 )  # ode: ~1 min; the ode design gradient is also checked against the tables (slow)
 def test_loss_and_energy_gradients_match_finite_differences(mode):
     with jax.enable_x64(True):
@@ -198,6 +203,7 @@ def test_train_device_gradient_is_never_that_of_a_stale_table():
     assert float(jnp.abs(g0.params.thickness)) == 0  # frozen device: stop_gradient, by design
 
 
+@pytest.mark.slow  # ~55 s; the joint-training test covers the library path
 def test_train_script_train_device(tmp_path):
     import runpy
     from pathlib import Path
