@@ -79,6 +79,7 @@ def _run(folder, label, n_classes, epochs, mtj_act):
     return acc_soft, acc_mtj
 
 
+@pytest.mark.slow  # ~24 s; the coarse-label test covers the same pipeline by default
 def test_fine_labels_pipeline(cifar_dir, mtj_act):
     acc_soft, acc_mtj = _run(cifar_dir, "fine", 100, 2, mtj_act)
     print(f"fine: software {acc_soft:.3f}, MTJ head {acc_mtj:.3f}")

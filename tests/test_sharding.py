@@ -52,6 +52,7 @@ def fit(n_devices, out=None, **kw):
 # --------------------------------------------------------------------------- main session
 
 
+@pytest.mark.slow  # ~40 s: a second pytest process with 4 host devices
 @pytest.mark.skipif(FOUR, reason="this is the 4-device session")
 def test_four_device_session():
     env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4"}

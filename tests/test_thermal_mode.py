@@ -155,3 +155,23 @@ def test_neuron_thermal_noise_has_the_right_strength(mode):
         np.testing.assert_allclose(float(jnp.std(y)), expected, rtol=0.03)
         cold = MTJActivation(p.replace(temperature=0.0), mode=mode)
         assert float(jnp.std(cold(jnp.zeros(4), key=keys[0]))) == 0.0
+
+
+def test_validity_check_flags_a_device_outside_the_gaussian_range():
+    from mtjax.validity import thermal_vs_sde
+
+    tiny = mtjax.DeviceParams.paper(diameter_x=6e-9, diameter_y=6e-9)  # std m_x ~ 0.47
+    r = thermal_vs_sde(tiny, n=512, seed=3)
+    assert r["std_mx_at_z0"] > 0.4 and not r["passes"]
+    with pytest.raises(ValueError, match="n:"):
+        thermal_vs_sde(tiny, n=8)
+    with pytest.raises(ValueError, match="temperature"):
+        thermal_vs_sde(tiny.replace(temperature=0.0))
+
+
+@pytest.mark.slow
+def test_validity_check_passes_the_paper_device():
+    from mtjax.validity import thermal_vs_sde
+
+    r = thermal_vs_sde(mtjax.DeviceParams.paper(), n=4096, seed=0)
+    assert r["passes"] and 0.06 < r["std_mx_at_z0"] < 0.08
