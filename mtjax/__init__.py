@@ -1,7 +1,7 @@
 """mtjax: differentiable physics of dual-polarizer magnetic tunnel junction neurons in JAX.
 
 Layers (imports point down): constants/params/variation/sharding -> physics ->
-integrators/solve/ensemble/moments -> readout/analytic -> nn -> energy/plot -> fetch ->
+integrators/solve/ensemble/moments -> readout/analytic -> nn -> energy/plot/validity -> fetch ->
 data/train/distill/codesign -> experiments/findings/sensitivity -> scripts.
 """
 
@@ -19,6 +19,7 @@ from mtjax import (
     sensitivity,
     sharding,
     train,
+    validity,
     variation,
 )
 from mtjax.analytic import analytic_response, current_scale, pulse_angles
@@ -74,6 +75,7 @@ __all__ = [
     "sharding",
     "simulate",
     "train",
+    "validity",
     "variation",
 ]
 __version__ = "0.1.0"

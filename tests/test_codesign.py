@@ -86,7 +86,7 @@ def test_design_starts_at_the_base_device():
     "mode",
     [
         pytest.param("table", marks=pytest.mark.slow),  # ~55 s; "thermal" covers its path
-        "thermal",
+        pytest.param("thermal", marks=pytest.mark.slow),  # ~80 s
         pytest.param("ode", marks=pytest.mark.slow),
     ],
 )  # ode: ~1 min; the ode design gradient is also checked against the tables (slow)
@@ -142,6 +142,7 @@ def test_modes_agree_on_the_design_gradient():
                 assert abs(float(grads[mode][name]) - ref) <= 1e-2 * abs(ref) + 1e-9, (mode, name)
 
 
+@pytest.mark.slow  # ~70 s; the stale-table test keeps the silent-zero class in the default run
 def test_joint_training_moves_the_design_and_keeps_it_physical(tmp_path):
     # regression for the silent-zero bug: a trained table-mode device must change
     x, y = _data(64)
@@ -221,6 +222,7 @@ def test_train_script_train_device(tmp_path):
     assert design["diameter"] != pytest.approx(50e-9, rel=1e-6)
 
 
+@pytest.mark.slow  # ~30 s
 def test_inert_variables_stay_put_and_energy_weights_are_traced():
     # float32 round-off once moved a response-inert diameter 50 -> 39 nm in 30 Adam steps
     x, y = _data(64)
@@ -302,6 +304,7 @@ def test_design_sensitivity_matches_finite_differences_and_steps_lower_the_loss(
         design_sensitivity(MLP((8, 4, 3), jnp.tanh, key=jax.random.key(0)), (x, y))
 
 
+@pytest.mark.slow  # ~35 s
 def test_sensitivity_near_a_bound_uses_the_moves_it_made():
     # gain 1.9 in [0.5, 2]: x e^(+0.2) is clipped at 2, so a central difference over the
     # nominal 2 x 0.2 would be ~35 % low; it must use the moves actually made
@@ -364,3 +367,53 @@ def test_codesign_repair_script_quick(tmp_path):
     assert pulse["values"]["pulse_duration"] < 0.9e-9
     assert pulse["deviation"] < built["deviation"]
     assert (tmp_path / "codesign_repair.png").stat().st_size > 0
+
+
+def _front_script():
+    import pathlib
+    import runpy
+
+    return runpy.run_path(str(pathlib.Path(__file__).parents[1] / "scripts" / "codesign_front.py"))
+
+
+def test_front_script_pareto_grid_and_comparison():
+    mod = _front_script()
+    pt = lambda e, a, **kw: dict(energy_J=e, accuracy=dict(mean=a, std=0.0), **kw)
+    points = [pt(3.0, 0.9), pt(1.0, 0.8), pt(2.0, 0.7), pt(0.5, 0.6), pt(1.0, 0.8)]
+    assert mod["pareto"](points) == [3, 1, 4, 0]  # (2.0, 0.7) is beaten by (1.0, 0.8)
+    grid = [pt(1.0, 0.8), pt(4.0, 0.85)]
+    cmp = mod["compare_fronts"]([pt(2.0, 0.82, weight=0.1), pt(0.5, 0.9, weight=1.0)], grid)
+    assert cmp[0]["accuracy_gain_pp"] == pytest.approx(2.0)  # vs the 1.0 J point
+    assert cmp[0]["grid_energy_ratio"] == pytest.approx(2.0)  # the 4.0 J point
+    assert cmp[1]["accuracy_gain_pp"] is None and cmp[1]["grid_energy_ratio"] is None
+    start = Design(PAPER, DesignSpace(("diameter", "pulse_duration")))
+    designs = mod["grid_designs"](start, 3)
+    assert len(designs) == 9
+    d = sorted({round(float(x.value("diameter")) * 1e9, 3) for x in designs})
+    lo, hi = DesignSpace().bound("diameter")
+    expect = [lo * (hi / lo) ** u * 1e9 for u in (1 / 6, 1 / 2, 5 / 6)]  # log-box cell centres
+    np.testing.assert_allclose(d, expect, rtol=1e-4)
+
+
+@pytest.mark.slow  # ~2 min
+def test_codesign_front_script_quick(tmp_path):
+    out = _front_script()["main"](
+        ["--quick", "--out", str(tmp_path), "--no-progress", "--weights", "0,1", "--keys", "2",
+         "--free", "diameter,pulse_duration", "--validity-n", "256"]
+    )  # fmt: skip
+    grad = out["searches"]["gradient"]
+    assert len(grad) == 2 and set(out["searches"]) == {
+        "gradient", "grid (cell centres)", "grid (box ends)"}  # fmt: skip
+    assert all(len(out["searches"][n]) == 2 * 4 for n in out["comparison"])  # 2 ways per point
+    assert out["steps"]["per_grid"] <= out["steps"]["gradient"]  # the same budget, rounded down
+    for rows in out["searches"].values():
+        for r in rows:
+            # (a fixed driver on a large device with a short pulse gives u ~ 0: chance level)
+            assert r["energy_J"] > 0 and 0.05 < r["accuracy"]["mean"] <= 1
+            assert 0.3e-9 <= r["device"]["pulse_duration"] <= 1.2e-9  # the script's bounds
+    ends = {round(r["device"]["diameter"] * 1e9) for r in out["searches"]["grid (box ends)"]}
+    assert ends == {20, 100}
+    assert grad[1]["energy_J"] < grad[0]["energy_J"]  # an energy weight buys energy
+    assert all("validity" in grad[i] for i in out["fronts"]["gradient"])
+    assert (tmp_path / "codesign_front.png").stat().st_size > 0
+    assert "| gradient |" in (tmp_path / "codesign_front.md").read_text()
