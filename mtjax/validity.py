@@ -31,6 +31,7 @@ def thermal_vs_sde(params: DeviceParams, n: int = 4096, seed: int = 0) -> dict[s
         raise ValueError("params: expected one DeviceParams device")
     if int(n) != n or n < 64:
         raise ValueError(f"n: trajectories per point must be an integer >= 64, got {n!r}")
+    n = int(n)
     if float(params.temperature) <= 0:
         raise ValueError("params.temperature: the check needs T > 0 (at T = 0 thermal == table)")
     i_s = float(current_scale(params))

@@ -256,6 +256,13 @@ def main(argv=None) -> dict:
     train_data, test_data = ex.load_arrays("fashion_mnist", **subsets)
     sizes = (784, 16, 10) if q else (784, 256, 10)
     batch = 128
+    n_gradient = len(args.weights) * args.codesign_epochs * -(-len(train_data[0]) // batch)
+    if args.levels ** len(args.free) > n_gradient:  # each grid point needs >= 1 step
+        raise SystemExit(
+            f"--levels {args.levels}: {args.levels}^{len(args.free)} grid points exceed the "
+            f"gradient runs' {n_gradient} training steps (the grids' budget); use fewer levels, "
+            "fewer --free variables or more --weights/--codesign-epochs"
+        )
     software = _train.train(
         MLP(sizes, jnp.tanh, key=jax.random.key(0)), train_data, test_data,
         _train.TrainConfig(epochs=1 if q else args.epochs, batch_size=batch, lr=1e-3),
@@ -297,7 +304,6 @@ def main(argv=None) -> dict:
         return model, codesign.designed_layers(model)[0].design
 
     optimizer = functools.partial(codesign.joint_optimizer, design_lr=args.design_lr)
-    steps_per_epoch = -(-len(train_data[0]) // batch)
     searches = {"gradient": []}
     designs = {"gradient": []}
     for w in args.weights:
@@ -309,8 +315,7 @@ def main(argv=None) -> dict:
         designs["gradient"].append(design)
         r = searches["gradient"][-1]
         print(f"w={w}: {r['accuracy']} {r['energy_J']:.3g} J", flush=True)
-    n_gradient = len(args.weights) * args.codesign_epochs * steps_per_epoch
-    per_point = max(1, n_gradient // args.levels ** len(space.free))
+    per_point = n_gradient // args.levels ** len(space.free)
     subset = tuple(a[: per_point * batch] for a in train_data)
     for where in GRIDS:
         name = f"grid ({where})"

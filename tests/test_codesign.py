@@ -428,3 +428,10 @@ def test_codesign_front_script_quick(tmp_path):
     assert all("validity" in grad[i] for i in out["fronts"]["gradient"])
     assert (tmp_path / "codesign_front.png").stat().st_size > 0
     assert "| gradient |" in (tmp_path / "codesign_front.md").read_text()
+
+
+def test_front_script_refuses_a_grid_larger_than_its_step_budget(tmp_path):
+    with pytest.raises(SystemExit, match="--levels 3"):  # 3^5 = 243 points > 2 x 16 steps
+        _front_script()["main"](["--quick", "--out", str(tmp_path), "--weights", "0,1",
+                                 "--levels", "3", "--no-progress"])  # fmt: skip
+    assert not (tmp_path / "codesign_front.json").exists()
