@@ -29,8 +29,8 @@ from mtjax import train as _train
 from mtjax.analytic import current_scale
 from mtjax.codesign import Design, DesignedMTJ, DesignSchedule, DesignSpace, joint_optimizer
 from mtjax.nn import MLP, MTJActivation, deploy, trainable
-from mtjax.params import DeviceParams
-from mtjax.variation import Spreads, sample_deviations
+from mtjax.params import SCALAR_FIELDS, VECTOR_FIELDS, DeviceParams
+from mtjax.variation import Spreads, sample_deviations, sample_reset_states
 
 DATASETS = ("fashion_mnist", "cifar100")
 ACTIVATIONS = ("tanh", "mtj")
@@ -51,12 +51,14 @@ class RunSpec:
     seed: int = 0
     variation: float = 0.0
     read_noise: float = 0.0
+    reset_offset: float = 0.0
     temperature: float = 0.0
     train_subset: int | None = None
     test_subset: int | None = None
     train_device: tuple[str, ...] = ()
     design_lr: float = 0.05
     design_every: int = 1
+    device: tuple[tuple[str, Any], ...] = ()
 
     def __post_init__(self):
         if self.dataset not in DATASETS:
@@ -65,18 +67,36 @@ class RunSpec:
             raise ValueError(f"activation: unknown {self.activation!r}; known: {ACTIVATIONS}")
         if len(self.sizes) < 2 or min(self.sizes) < 1:
             raise ValueError(f"sizes: need at least (n_in, n_out), all >= 1, got {self.sizes}")
-        for name in ("variation", "read_noise", "temperature"):
+        for name in ("variation", "read_noise", "reset_offset", "temperature"):
             value = getattr(self, name)
             if not (np.isfinite(value) and value >= 0):
                 raise ValueError(f"{name}: must be finite and >= 0, got {value}")
         self.config()  # epochs, batch_size, lr, seed: ValueError naming the field
+        self.nominal()  # device: ValueError naming an unknown or non-physical field
         if self.train_device:
             if self.activation != "mtj":
                 raise ValueError("train_device: only MTJ neurons have a device to design")
             DesignSpace(free=self.train_device)  # ValueError naming an unknown variable
+            if self.reset_offset > 0:
+                raise ValueError("reset_offset: not supported with train_device")
             if not (np.isfinite(self.design_lr) and self.design_lr > 0):
                 raise ValueError(f"design_lr: must be finite and > 0, got {self.design_lr}")
             DesignSchedule(every=self.design_every)
+
+    def nominal(self) -> DeviceParams:
+        """The nominal device: `DeviceParams.paper` with `device` overrides, e.g.
+        ``(("xi1", 0.3), ("h_bias", (0.0, 0.0, 4e3)))``, at `temperature`."""
+        overrides = dict(self.device)
+        if len(overrides) != len(self.device) or "temperature" in overrides:
+            raise ValueError(f"device: repeated field or temperature (use `temperature`): "
+                             f"{self.device}")  # fmt: skip
+        unknown = set(overrides) - set(SCALAR_FIELDS) - set(VECTOR_FIELDS)
+        if unknown:
+            raise ValueError(f"device: unknown DeviceParams field(s) {sorted(unknown)}")
+        try:
+            return DeviceParams.paper(temperature=self.temperature, **overrides)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"device: {err}") from err
 
     def run_info(self) -> dict[str, Any]:
         """Everything that defines the run, for `mtjax.train.train(run_info=...)`."""
@@ -90,6 +110,26 @@ class RunSpec:
             epochs=self.epochs, batch_size=self.batch_size, lr=self.lr, seed=self.seed,
             optimizer=optimizer,
         )  # fmt: skip
+
+
+def parse_device_override(text: str) -> tuple[str, Any]:
+    """``"xi1=0.3"`` -> ``("xi1", 0.3)``; ``"h_bias=0,0,4e3"`` -> ``("h_bias", (0.0, 0.0,
+    4000.0))`` (a `RunSpec.device` entry; ValueError naming the text)."""
+    name, sep, value = text.partition("=")
+    name = name.strip()
+    if not sep or name not in {**SCALAR_FIELDS, **VECTOR_FIELDS}:
+        raise ValueError(
+            f"device override {text!r}: expected NAME=VALUE with NAME a DeviceParams field "
+            f"({', '.join((*SCALAR_FIELDS, *VECTOR_FIELDS))})"
+        )
+    try:
+        parts = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise ValueError(f"device override {text!r}: value must be numbers") from None
+    want = 3 if name in VECTOR_FIELDS else 1
+    if len(parts) != want:
+        raise ValueError(f"device override {text!r}: {name} takes {want} number(s)")
+    return name, parts if want == 3 else parts[0]
 
 
 def load_arrays(
@@ -116,7 +156,7 @@ def make_activation(spec: RunSpec, width: int, key: jax.Array):
     """`jnp.tanh` or an `MTJActivation` for a hidden layer of `width` neurons."""
     if spec.activation == "tanh":
         return jnp.tanh
-    nominal = DeviceParams.paper(temperature=spec.temperature)
+    nominal = spec.nominal()
     deviations = None
     if spec.variation > 0:
         spreads = Spreads.relative(
@@ -130,8 +170,12 @@ def make_activation(spec: RunSpec, width: int, key: jax.Array):
             read_noise=spec.read_noise,
         )  # fmt: skip
     params = nominal if deviations is None else deviations.apply(nominal)
+    m0 = None
+    if spec.reset_offset > 0:  # imperfect reset: per-neuron start states near +z
+        m0 = sample_reset_states(jax.random.fold_in(key, 1), width, spec.reset_offset)
     return MTJActivation(
         params,
+        m0=m0,
         mode=neuron_mode(spec),
         derivative=spec.derivative,
         read_noise=spec.read_noise,
@@ -170,6 +214,9 @@ def model_from_run_info(run_info: dict[str, Any]) -> MLP:
         raise ValueError(f"run_info must be a RunSpec dict, got {type(run_info).__name__}")
     fields = {**run_info, "sizes": tuple(run_info["sizes"])}
     fields["train_device"] = tuple(fields.get("train_device", ()))
+    fields["device"] = tuple(
+        (k, tuple(v) if isinstance(v, list) else v) for k, v in fields.get("device", ())
+    )
     return make_model(RunSpec(**fields))
 
 

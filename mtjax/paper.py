@@ -1,11 +1,12 @@
 """The studies behind the paper's findings (arXiv 2409.02528), as library functions.
 
-(i) `derivative_study`: software tanh vs MTJ neurons in the training loop, for each device
-derivative ("mz2", "mz", "autodiff"), over seeds. (ii) `robustness_study`: device variation x
-read noise, at inference only (software weights deployed) and during training. (iii)
-`transfer_study` (software weights deployed on MTJ neurons, no retraining, optional
-fine-tuning; MLP and CNN) and `distill_study` (a software teacher distilled into a small MTJ
-student vs the same student trained alone). `scripts/reproduce.py` runs them and writes
+(i) `device_curve_study`: software tanh vs MTJ neurons in the training loop, for each device
+derivative ("mz2", "mz", "autodiff"), over seeds, on the paper device and on non-ideal
+devices whose curves differ from tanh / sech (`CURVE_DEVICES`). (ii) `robustness_study`:
+device variation x read noise, at inference only (software weights deployed) and during
+training. (iii) `transfer_rows` (software weights deployed on MTJ neurons, no retraining,
+optional fine-tuning; MLP and CNN) and `distill_study` (a software teacher distilled into a
+small MTJ student vs the same student trained alone). `scripts/reproduce.py` runs them and writes
 `results/`; `markdown_table` renders the summary rows.
 """
 
@@ -17,6 +18,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from mtjax import experiments as ex
 from mtjax import plot as _plot
 from mtjax import train as _train
@@ -26,80 +29,237 @@ from mtjax.nn import deploy, trainable
 Row = dict[str, Any]
 
 
-def derivative_study(
-    base: ex.RunSpec, data, seeds: Sequence[int], *, progress: bool = False
-) -> tuple[dict, dict[int, Any]]:
-    """Accuracy of tanh and MTJ (each derivative) networks per seed, and the per-seed gaps.
+#: Devices of the non-ideal curve study (label -> `RunSpec.device` overrides of the paper
+#: device): field-like torque bends m.p2 away from sech, residual anisotropy and a z bias
+#: field bend m.p1 away from tanh.
+CURVE_DEVICES: dict[str, tuple] = {
+    "paper device": (),
+    "xi 0.1": (("xi1", 0.1),),
+    "xi 0.3": (("xi1", 0.3),),
+    "hk 2e3 A/m": (("hk", 2e3),),
+    "hk 8e3 A/m": (("hk", 8e3),),
+    "bias 4e3 A/m along z": (("h_bias", (0.0, 0.0, 4e3)),),
+    "xi 0.3 + hk 2e3 + bias 4e3": (("xi1", 0.3), ("hk", 2e3), ("h_bias", (0.0, 0.0, 4e3))),
+}
+DERIVATIVES = ("autodiff", "mz2", "mz")
 
-    Returns (summary, software models by seed) — the models are reused by later studies."""
+
+def curve_deviations(spec: ex.RunSpec, z_max: float = 3.0, n: int = 601) -> dict[str, Any]:
+    """How far the device of `spec` (its hidden-layer neuron, noise-free) is from software:
+    max over z in [-z_max, z_max] of |m.p1 - tanh z|, |m.p2 - sech z| and
+    |m.p2^2 - sech^2 z|, and both curves on 61 points (for plots)."""
+    z = np.linspace(-z_max, z_max, n)
+    clean = dict(activation="mtj", variation=0.0, read_noise=0.0, reset_offset=0.0)
+    act = ex.make_activation(dataclasses.replace(spec, **clean), 1, None)
+    p1, p2 = (np.asarray(v, dtype=np.float64) for v in act.noise_free().read(z))
+    sech = 1 / np.cosh(z)
+    every = max((n - 1) // 60, 1)
+    return {
+        "max_abs_p1_minus_tanh": float(np.max(np.abs(p1 - np.tanh(z)))),
+        "max_abs_p2_minus_sech": float(np.max(np.abs(p2 - sech))),
+        "max_abs_p2sq_minus_sech2": float(np.max(np.abs(p2**2 - sech**2))),
+        "z": z[::every].tolist(),
+        "p1": p1[::every].tolist(),
+        "p2": p2[::every].tolist(),
+    }
+
+
+def _pp(values: Sequence[float]) -> dict[str, float]:
+    return {k: 100 * v for k, v in ex.mean_std(values).items()}
+
+
+def _paired(a: Sequence[float], b: Sequence[float]) -> dict[str, float]:
+    return _pp([x - y for x, y in zip(a, b, strict=True)])
+
+
+def device_curve_study(
+    base: ex.RunSpec,
+    data,
+    seeds: Sequence[int],
+    devices: dict[str, tuple] | None = None,
+    derivatives: Sequence[str] = DERIVATIVES,
+    *,
+    progress: bool = False,
+) -> tuple[dict, dict[int, Any]]:
+    """Finding (i) where device and software curves differ: per device of `devices` (label ->
+    `RunSpec.device`; default `CURVE_DEVICES`) and seed, an MTJ network (table mode) trained
+    with each derivative, against software tanh of the same seed.
+
+    "autodiff" is also the software control of the issue: the device's forward curve with
+    its exact derivative, so per seed "curve cost" = tanh - autodiff separates the effect of
+    the curve and "derivative cost" = autodiff - mz2 / mz the effect of the device-supplied
+    gradient (all gaps paired by seed, pp). Returns (result, software models by seed)."""
+    devices = CURVE_DEVICES if devices is None else devices
+    if "autodiff" not in derivatives:
+        raise ValueError("derivatives: need 'autodiff' (the exact-derivative control)")
     train_data, test_data = data
-    acc: dict[str, list[float]] = {}
-    software = {}
+    software, tanh = {}, []
     for seed in seeds:
-        for label, act, der in (
-            ("tanh", "tanh", "mz2"),
-            ("mtj_mz2", "mtj", "mz2"),
-            ("mtj_mz", "mtj", "mz"),
-            ("mtj_autodiff", "mtj", "autodiff"),
-        ):
-            spec = dataclasses.replace(base, activation=act, derivative=der, seed=seed)
-            summary, res = ex.run(spec, train_data, test_data, progress=progress)
-            acc.setdefault(label, []).append(summary["test_accuracy"])
-            if label == "tanh":
-                software[seed] = res.model
-    out = {"seeds": list(seeds), "accuracy": acc, "summary": {}}
-    for label, values in acc.items():
-        gaps = [t - v for t, v in zip(acc["tanh"], values, strict=True)]
-        out["summary"][label] = {
-            "accuracy_pp": {k: 100 * v for k, v in ex.mean_std(values).items()},
-            "gap_pp": {k: 100 * v for k, v in ex.mean_std(gaps).items()},
+        summary, res = ex.run(dataclasses.replace(base, activation="tanh", seed=seed),
+                              train_data, test_data, progress=progress)  # fmt: skip
+        tanh.append(summary["test_accuracy"])
+        software[seed] = res.model
+    out: dict[str, Any] = {
+        "seeds": list(seeds), "spec": dataclasses.asdict(base), "tanh_accuracy": tanh,
+        "tanh_accuracy_pp": _pp(tanh), "devices": {},
+    }  # fmt: skip
+    for label, overrides in devices.items():
+        dev_spec = dataclasses.replace(base, activation="mtj", device=tuple(overrides))
+        acc: dict[str, list[float]] = {}
+        for der in derivatives:
+            for seed in seeds:
+                spec = dataclasses.replace(dev_spec, derivative=der, seed=seed)
+                summary, _ = ex.run(spec, train_data, test_data, progress=progress)
+                acc.setdefault(der, []).append(summary["test_accuracy"])
+        entry = {
+            "device": [list(o) for o in overrides],
+            "deviation": curve_deviations(dev_spec),
+            "accuracy": acc,
+            "accuracy_pp": {d: _pp(v) for d, v in acc.items()},
+            "gap_vs_tanh_pp": {d: _paired(tanh, v) for d, v in acc.items()},
+            "curve_cost_pp": _paired(tanh, acc["autodiff"]),
+            "derivative_cost_pp": {
+                d: _paired(acc["autodiff"], v) for d, v in acc.items() if d != "autodiff"
+            },
         }
+        out["devices"][label] = entry
     return out, software
+
+
+def curve_study_markdown(result: dict) -> str:
+    """Table of `device_curve_study`: deviations, accuracies and the paired costs (pp)."""
+    ders = [d for d in DERIVATIVES if d in next(iter(result["devices"].values()))["accuracy"]]
+    fmt = lambda ms: f"{ms['mean']:.2f} ± {ms['std']:.2f}"  # noqa: E731
+    head = ["device", "max abs(m.p1 - tanh)", "max abs(m.p2 - sech)", "software tanh (%)"]
+    head += [f"MTJ {d} (%)" for d in ders]
+    head += ["curve cost (tanh - autodiff)"]
+    head += [f"derivative cost (autodiff - {d})" for d in ders if d != "autodiff"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for label, e in result["devices"].items():
+        dev = e["deviation"]
+        cells = [label, f"{dev['max_abs_p1_minus_tanh']:.3f}",
+                 f"{dev['max_abs_p2_minus_sech']:.3f}", fmt(result["tanh_accuracy_pp"])]
+        cells += [fmt(e["accuracy_pp"][d]) for d in ders]
+        cells += [fmt(e["curve_cost_pp"])]
+        cells += [fmt(e["derivative_cost_pp"][d]) for d in ders if d != "autodiff"]
+        lines.append("| " + " | ".join(cells) + " |")  # fmt: skip
+    n = len(result["seeds"])
+    return "\n".join(lines) + (
+        f"\n\nMean ± std over {n} seed(s); costs are paired by seed (pp, positive = worse). "
+        "'autodiff' is the device curve with its exact derivative, i.e. the software control.\n"
+    )
+
+
+def curve_study_figure(result: dict, path: str | os.PathLike) -> Path:
+    """`mtjax.plot.curve_study` of a `device_curve_study` result, PNG written atomically."""
+    return _plot.save(_plot.curve_study(result), path)
+
+
+def _noise_cell(base, data, models, kinds, n_keys, progress, **changes) -> dict:
+    """Accuracies (%) [seed][key] of one robustness cell, per kind."""
+    train_data, test_data = data
+    out: dict[str, list[list[float]]] = {k: [] for k in kinds}
+    for seed, software in models.items():
+        spec = dataclasses.replace(base, activation="mtj", seed=seed, **changes)
+        out["inference"].append(
+            [100 * a for a in ex.evaluate_with(software, spec, test_data, n_keys=n_keys)]
+        )
+        if "training" in kinds:
+            _, res = ex.run(spec, train_data, test_data, progress=progress)
+            accs = ex.accuracies_over_keys(res.model, test_data, n_keys, seed=spec.seed)
+            out["training"].append([100 * a for a in accs])
+    return out
+
+
+def _cell_stats(values: list[list[float]]) -> tuple[float, float, float]:
+    """(mean, std over seeds of the key means, mean over seeds of the std over keys)."""
+    means = [float(np.mean(v)) for v in values]
+    over_keys = [ex.mean_std(v)["std"] for v in values]
+    return float(np.mean(means)), ex.mean_std(means)["std"], float(np.mean(over_keys))
 
 
 def robustness_study(
     base: ex.RunSpec,
     data,
-    software_model,
-    variations: Sequence[float] = (0.0, 0.05, 0.1, 0.2),
+    software_models,
+    variations: Sequence[float] = (0.0, 0.05, 0.1, 0.2, 0.3, 0.5),
     read_noises: Sequence[float] = (0.0, 0.01, 0.05, 0.1),
+    reset_offsets: Sequence[float] = (0.02, 0.05, 0.1, 0.2),
     *,
     train_too: bool = True,
     n_keys: int = 5,
     progress: bool = False,
 ) -> dict:
-    """Test accuracy (%) on a variation x read-noise grid: software weights deployed on the
-    perturbed MTJ neurons ("inference"), and networks trained with them ("training"); each
-    cell the mean (and std) over `n_keys` read-noise keys."""
-    train_data, test_data = data
+    """Test accuracy (%) on a device-variation x read-noise grid, and along a line of
+    imperfect-reset offsets (`RunSpec.reset_offset`: m_x(0) spread, no variation or noise):
+    software weights deployed on the perturbed MTJ neurons ("inference") and networks trained
+    with them ("training").
+
+    `software_models`: seed -> software network (one model: seed `base.seed`); each seed also
+    draws its own devices. Each cell: mean over seeds of the mean over `n_keys` noise keys,
+    the std over seeds of those means ("std_over_seeds_pp") and the mean std over keys
+    ("std_over_keys_pp"). Variation >= 1/3 is lognormal (`experiments.make_activation`)."""
+    models = software_models if isinstance(software_models, dict) else {base.seed: software_models}
+    _, test_data = data
     kinds = ("inference", "training") if train_too else ("inference",)
-    grids = {k: [] for k in kinds}
-    stds = {k: [] for k in kinds}
-    _, sw_acc = _train.evaluate(software_model, *test_data, 1000)
+    sw = [100 * _train.evaluate(m, *test_data, 1000)[1] for m in models.values()]
+    stats = ("accuracy_pp", "std_over_seeds_pp", "std_over_keys_pp")
+    result: dict[str, Any] = {
+        "variation": list(variations), "read_noise": list(read_noises), "n_keys": n_keys,
+        "seeds": list(models), "software_accuracy_pp": float(np.mean(sw)),
+        "software_accuracy_std_pp": ex.mean_std(sw)["std"], "spec": dataclasses.asdict(base),
+        **{name: {k: [] for k in kinds} for name in stats},
+        "values_pp": {k: [] for k in kinds},
+    }  # fmt: skip
     for s in variations:
-        cells: dict[str, list[dict]] = {k: [] for k in kinds}
+        rows = {k: [] for k in kinds}
         for r in read_noises:
-            spec = dataclasses.replace(base, activation="mtj", variation=s, read_noise=r)
-            accs = {"inference": ex.evaluate_with(software_model, spec, test_data, n_keys=n_keys)}
-            if train_too:
-                _, res = ex.run(spec, train_data, test_data, progress=progress)
-                accs["training"] = ex.accuracies_over_keys(
-                    res.model, test_data, n_keys, seed=spec.seed
-                )
+            cell = _noise_cell(base, data, models, kinds, n_keys, progress, variation=s,
+                               read_noise=r)  # fmt: skip
             for k in kinds:
-                cells[k].append(ex.mean_std([100 * a for a in accs[k]]))
+                rows[k].append(cell[k])
         for k in kinds:
-            grids[k].append([c["mean"] for c in cells[k]])
-            stds[k].append([c["std"] for c in cells[k]])
-    return {
-        "variation": list(variations),
-        "read_noise": list(read_noises),
-        "n_keys": n_keys,
-        "software_accuracy_pp": 100 * sw_acc,
-        "accuracy_pp": grids,
-        "std_over_keys_pp": stds,
-        "spec": dataclasses.asdict(base),
-    }
+            result["values_pp"][k].append(rows[k])
+            cells = [_cell_stats(c) for c in rows[k]]
+            for i, name in enumerate(stats):
+                result[name][k].append([c[i] for c in cells])
+    line: dict[str, Any] = {"offset": list(reset_offsets)}
+    line.update({name: {k: [] for k in kinds} for name in stats})
+    for off in reset_offsets:
+        cell = _noise_cell(base, data, models, kinds, n_keys, progress, reset_offset=off)
+        for k in kinds:
+            for name, v in zip(stats, _cell_stats(cell[k]), strict=True):
+                line[name][k].append(v)
+    result["reset_offset"] = line
+    return result
+
+
+def robustness_markdown(result: dict) -> str:
+    """Tables of `robustness_study`: each grid (variation rows x read-noise columns) and the
+    reset-offset line, cells "mean ± std over seeds" (%)."""
+    n, keys = len(result["seeds"]), result["n_keys"]
+    lines = [f"Test accuracy (%), mean ± std over {n} seed(s) (each the mean over {keys} noise "
+             f"keys); software {result['software_accuracy_pp']:.2f} ± "
+             f"{result['software_accuracy_std_pp']:.2f}.", ""]  # fmt: skip
+    for kind, grid in result["accuracy_pp"].items():
+        sd = result["std_over_seeds_pp"][kind]
+        lines += [f"**{kind}** (rows: variation, columns: read noise)", "",
+                  "| variation | " + " | ".join(f"{r:g}" for r in result["read_noise"]) + " |",
+                  "|" + "---|" * (1 + len(result["read_noise"]))]  # fmt: skip
+        for s, row, srow in zip(result["variation"], grid, sd, strict=True):
+            cells = [f"{m:.2f} ± {e:.2f}" for m, e in zip(row, srow, strict=True)]
+            lines.append(f"| {s:g} | " + " | ".join(cells) + " |")
+        lines.append("")
+    line = result.get("reset_offset")
+    if line and line["offset"]:
+        kinds = list(line["accuracy_pp"])
+        lines += ["**imperfect reset** (m_x(0) spread, no variation or read noise)", "",
+                  "| reset offset | " + " | ".join(kinds) + " |", "|" + "---|" * (1 + len(kinds))]
+        for i, off in enumerate(line["offset"]):
+            cells = [f"{line['accuracy_pp'][k][i]:.2f} ± {line['std_over_seeds_pp'][k][i]:.2f}"
+                     for k in kinds]  # fmt: skip
+            lines.append(f"| {off:g} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
 
 
 def transfer_rows(

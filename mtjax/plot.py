@@ -38,6 +38,7 @@ if TYPE_CHECKING:
 
 __all__ = [
     "accuracy_curves",
+    "curve_study",
     "energy_accuracy",
     "population",
     "readout_histogram",
@@ -521,8 +522,11 @@ def robustness_heatmap(
     colorbar: bool = True,
 ) -> Axes:
     """One grid ("inference" or "training") of `mtjax.paper.robustness_study`: test
-    accuracy (%) over device variation (rows) x read noise (columns), values annotated."""
+    accuracy (%) over device variation (rows) x read noise (columns), values annotated
+    (with +- the std over seeds when the result has "std_over_seeds_pp")."""
     g = _grid(result, grid)
+    sd = result.get("std_over_seeds_pp", {}).get(grid)
+    sd = None if sd is None else np.asarray(sd, dtype=np.float64).reshape(g.shape)
     ax = _axes(ax, (4.6, 3.8))
     im = ax.imshow(g, cmap="viridis", origin="lower", aspect="auto", vmin=vmin, vmax=vmax)
     ax.set_xticks(range(g.shape[1]), [f"{r:g}" for r in result["read_noise"]])
@@ -532,7 +536,8 @@ def robustness_heatmap(
     sw = result.get("software_accuracy_pp")
     ax.set_title(grid + (f" (software {sw:.2f} %)" if sw is not None else ""))
     for (i, j), v in np.ndenumerate(g):
-        ax.text(j, i, f"{v:.1f}", ha="center", va="center", color="w", fontsize=8)
+        text = f"{v:.1f}" if sd is None else f"{v:.1f}\n±{sd[i, j]:.1f}"
+        ax.text(j, i, text, ha="center", va="center", color="w", fontsize=7)
     if colorbar:
         ax.figure.colorbar(im, ax=ax, label="test accuracy (%)")
     return ax
@@ -583,6 +588,37 @@ def energy_accuracy(
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize="small")
     return ax
+
+
+def curve_study(result: Mapping, axes: Sequence[Axes] | None = None) -> list[Axes]:
+    """`mtjax.paper.device_curve_study` in two panels: each device's m.p1 - tanh z (solid)
+    and m.p2 - sech z (dashed) against z, and its test-accuracy gap to software tanh (pp,
+    mean +- std over seeds, paired) per derivative."""
+    devices = result.get("devices")
+    if not devices:
+        raise ValueError("result: no 'devices' to plot (a device_curve_study result)")
+    ax_c, ax_g = _axes_list(axes, 2, (11.0, 4.0))
+    ders = list(next(iter(devices.values()))["gap_vs_tanh_pp"])
+    width = 0.8 / len(ders)
+    for i, (label, e) in enumerate(devices.items()):
+        dev = e["deviation"]
+        z = np.asarray(dev["z"])
+        (line,) = ax_c.plot(z, np.asarray(dev["p1"]) - np.tanh(z), label=label)
+        ax_c.plot(z, np.asarray(dev["p2"]) - 1 / np.cosh(z), "--", color=line.get_color())
+        for j, d in enumerate(ders):
+            g = e["gap_vs_tanh_pp"][d]
+            ax_g.bar(i + (j - (len(ders) - 1) / 2) * width, g["mean"], width, yerr=g["std"],
+                     capsize=2, color=f"C{j}", label=d if i == 0 else None)  # fmt: skip
+    ax_c.set(xlabel=XLABELS["z"], ylabel="device - software (dimensionless)",
+             title="m.p1 - tanh (solid), m.p2 - sech (dashed)")  # fmt: skip
+    ax_c.grid(alpha=0.3)
+    ax_c.legend(fontsize="x-small")
+    ax_g.axhline(0, color="k", lw=0.8)
+    ax_g.set_xticks(range(len(devices)), list(devices), rotation=30, ha="right",
+                    fontsize="small")  # fmt: skip
+    ax_g.set(ylabel="tanh - MTJ test accuracy (pp)", title="accuracy cost, per derivative")
+    ax_g.legend(fontsize="small", title="derivative")
+    return [ax_c, ax_g]
 
 
 # --------------------------------------------------------------------------- files

@@ -1,7 +1,9 @@
 """Reproduce the paper's findings (i)-(iii) on Fashion-MNIST (and CIFAR-100 when available).
 
 Writes <out>/paper_reproduction.md (summary table), paper_reproduction.json, robustness.json,
-robustness.png. --quick: tiny subsets and 1 epoch (a smoke test, numbers meaningless).
+robustness.png, and device_curves.{json,md,png} (finding (i) on non-ideal devices; `--only
+curves` runs just that). --quick: tiny subsets and 1 epoch (a smoke test, numbers
+meaningless).
 """
 
 from __future__ import annotations
@@ -33,7 +35,11 @@ def parse_args(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default="results", help="output folder (default results/)")
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny subsets, 1 epoch")
-    ap.add_argument("--seeds", type=int, default=3, help="seeds for finding (i) (>= 1)")
+    ap.add_argument("--seeds", type=int, default=5, help="seeds for finding (i) (>= 1)")
+    ap.add_argument(
+        "--only", default="all", choices=("all", "curves"),
+        help="curves: only finding (i) on the paper and non-ideal devices (device_curves.*)",
+    )  # fmt: skip
     ap.add_argument("--epochs", type=int, default=10, help="MLP epochs (>= 1)")
     ap.add_argument("--data-dir", default=None, help="raw dataset folder (both datasets)")
     ap.add_argument("--skip-cifar", action="store_true")
@@ -78,6 +84,36 @@ def _mtj_variants(sizes, *, with_sde: bool):
     return variants
 
 
+def _curves(base, fm, seeds, out: Path, report: dict, rows: list, progress: bool) -> dict:
+    """Finding (i) on the paper and non-ideal devices: device_curves.*, summary rows; the
+    software networks by seed."""
+    print("(i) software vs MTJ-in-the-loop training, paper and non-ideal devices", flush=True)
+    q = base.train_subset is not None
+    devices = paper.CURVE_DEVICES
+    if q:
+        devices = {k: devices[k] for k in ("paper device", "hk 8e3 A/m")}
+    study, software = paper.device_curve_study(base, fm, seeds, devices, progress=progress)
+    atomic_write_json(out / "device_curves.json", study)
+    md = paper.curve_study_markdown(study)
+    cmd = f"`python scripts/reproduce.py{' --quick' if q else ''} --only curves`"
+    title = f"# Finding (i) on non-ideal devices ({cmd}, {base.sizes}, {base.epochs} epochs)"
+    atomic_write_bytes(out / "device_curves.md", f"{title}\n\n{md}".encode())
+    paper.curve_study_figure(study, out / "device_curves.png")
+    report["finding_i"] = study
+    print(md, flush=True)
+    tanh_pp = s_fmt(study["tanh_accuracy_pp"])
+    for label, e in study["devices"].items():
+        for der in paper.DERIVATIVES if label == "paper device" else ("mz2",):
+            rows.append({
+                "experiment": f"(i) MLP trained with MTJ neurons, {label}, derivative {der}",
+                "software_pp": tanh_pp, "mtj_pp": s_fmt(e["accuracy_pp"][der]),
+                "gap_pp": s_fmt(e["gap_vs_tanh_pp"][der]), "paper": PAPER["i"],
+                "settings": "784-256-10, table mode (all derivatives: device_curves.md)",
+                "seeds": len(seeds),
+            })  # fmt: skip
+    return software
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
@@ -91,37 +127,43 @@ def main(argv=None) -> dict:
     base = ex.RunSpec(sizes=(784, 256, 10), epochs=epochs, **subsets)
     rows, report = [], {"settings": {"quick": q, "seeds": seeds, "epochs": epochs}}
 
-    # (i) device in the training loop, per derivative
-    print("(i) software vs MTJ-in-the-loop training", flush=True)
-    study, software = paper.derivative_study(base, fm, seeds, progress=progress)
-    report["finding_i"] = study
-    for label, s in study["summary"].items():
-        if label == "tanh":
-            continue
-        rows.append({
-            "experiment": f"(i) MLP trained with MTJ neurons, derivative {label[4:]}",
-            "software_pp": f"{s_fmt(study['summary']['tanh']['accuracy_pp'])}",
-            "mtj_pp": s_fmt(s["accuracy_pp"]), "gap_pp": s_fmt(s["gap_pp"]),
-            "paper": PAPER["i"], "settings": "784-256-10, table mode, paper device",
-            "seeds": len(seeds),
-        })  # fmt: skip
+    # (i) device in the training loop, per derivative, ideal and non-ideal devices
+    software = {}
+    if args.only in ("all", "curves"):
+        software = _curves(base, fm, seeds, out, report, rows, progress)
+        if args.only == "curves":
+            return report
 
-    # (ii) robustness grid
-    print("(ii) robustness: variation x read noise", flush=True)
-    grid = dict(variations=(0.0, 0.1), read_noises=(0.0, 0.05)) if q else {}
-    rob = paper.robustness_study(base, fm, software[seeds[0]], progress=progress, **grid)
+    # (ii) robustness: variation x read noise, imperfect reset; seeds 0..n-1
+    print("(ii) robustness: variation x read noise, imperfect reset", flush=True)
+    rob_seeds = range(1 if q else args.robustness_seeds)
+    for seed in rob_seeds:
+        if seed not in software:
+            tanh = dataclasses.replace(base, activation="tanh", seed=seed)
+            software[seed] = ex.run(tanh, *fm, progress=progress)[1].model
+    grid = dict(variations=(0.0, 0.1), read_noises=(0.0, 0.05), reset_offsets=(0.1,)) if q else {}
+    rob = paper.robustness_study(
+        base, fm, {s: software[s] for s in rob_seeds}, progress=progress, **grid
+    )  # fmt: skip
     atomic_write_json(out / "robustness.json", rob)
     paper.robustness_heatmap(rob, out / "robustness.png")
+    rob_md = paper.robustness_markdown(rob)
+    cmd = f"`python scripts/reproduce.py{' --quick' if q else ''} --only robustness`"
+    title = f"# Finding (ii): robustness ({cmd}, {base.sizes}, {epochs} epochs)\n\n"
+    atomic_write_bytes(out / "robustness.md", (title + rob_md).encode())
     report["finding_ii"] = rob
+    if args.only == "robustness":
+        print(rob_md)
+        return report
     worst = {k: min(map(min, grid)) for k, grid in rob["accuracy_pp"].items()}
     rows.append({
-        "experiment": "(ii) worst cell of the variation x noise grid (mean over noise keys),"
-        " inference / training",
+        "experiment": "(ii) worst cell of the variation x noise grid (mean over seeds and "
+        "noise keys), inference / training (all cells: robustness.md)",
         "software_pp": f"{rob['software_accuracy_pp']:.2f}",
         "mtj_pp": f"{worst['inference']:.2f} / {worst['training']:.2f}",
         "gap_pp": "", "paper": PAPER["ii"],
         "settings": f"variation <= {max(rob['variation'])}, noise <= {max(rob['read_noise'])}",
-        "seeds": 1, "noise_keys": rob["n_keys"],
+        "seeds": len(rob["seeds"]), "noise_keys": rob["n_keys"],
     })  # fmt: skip
 
     # (iii) transfer: MLP, small CNN; knowledge distillation

@@ -81,6 +81,13 @@ def _design_vars(text: str) -> tuple[str, ...]:
     return names
 
 
+def _device_override(text: str):
+    try:
+        return experiments.parse_device_override(text)
+    except ValueError as err:
+        raise argparse.ArgumentTypeError(str(err)) from None
+
+
 def _positive_int(text: str) -> int:
     value = int(text)
     if value < 1:
@@ -107,6 +114,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=_positive_int, default=128)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--seed", type=_seed, default=0)
+    ap.add_argument(
+        "--device", type=_device_override, action="append", default=[], metavar="NAME=VALUE",
+        help="nominal device: override a DeviceParams.paper field, repeatable, e.g. "
+        "--device xi1=0.3 --device hk=8e3 --device h_bias=0,0,4e3 (SI units)",
+    )  # fmt: skip
     ap.add_argument("--variation", type=_nonneg, default=0.0, help="relative device spread")
     ap.add_argument("--read-noise", type=_nonneg, default=0.0, help="std, normalized signal")
     ap.add_argument(
@@ -143,6 +155,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.temperature > 0 and args.mode not in (None, "sde", "thermal"):
         ap.error(f"--temperature needs a thermal mode (thermal or sde), not --mode {args.mode}")
     args.mode = args.mode or ("thermal" if args.temperature > 0 else "table")
+    try:
+        experiments.RunSpec(device=tuple(args.device), temperature=args.temperature)
+    except ValueError as err:
+        ap.error(f"--device: {err}")
     n_in, n_out = DATA_SHAPES[args.dataset]
     args.model = args.model or (n_in, 256, n_out)
     if args.model[0] != n_in or args.model[-1] != n_out:
@@ -220,7 +236,7 @@ def run_all(args: argparse.Namespace, out: Path, mesh=None) -> dict:
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
         variation=args.variation, read_noise=args.read_noise, temperature=args.temperature,
         train_subset=args.train_subset, design_lr=args.design_lr,
-        design_every=args.design_every,
+        design_every=args.design_every, device=tuple(args.device),
     )  # fmt: skip
     kinds = ("tanh", "mtj") if args.activation == "both" else (args.activation,)
     results, histories = {}, {}

@@ -23,7 +23,8 @@ def _train_main():
 def test_train_script_both_activations(tmp_path, capsys):
     main = _train_main()
     out = tmp_path / "run"
-    argv = ["--train-subset", "3000", "--epochs", "1", "--no-progress", "--out", str(out)]
+    argv = ["--train-subset", "3000", "--epochs", "1", "--no-progress", "--out", str(out),
+            "--device", "xi1=0.1"]  # fmt: skip
     report = main(argv)
     saved = json.loads((out / "results.json").read_text())
     assert saved["gap_pp"] == pytest.approx(report["gap_pp"])
@@ -37,6 +38,8 @@ def test_train_script_both_activations(tmp_path, capsys):
     # the trained MTJ network comes back from its folder alone, with the reported accuracy
     loaded = train.load_run(out / "mtj")
     assert loaded.header["run_info"]["activation"] == "mtj" and loaded.header["step"] == 24
+    assert loaded.header["run_info"]["device"] == [["xi1", 0.1]]
+    assert float(loaded.model.activations[0].params.xi1) == pytest.approx(0.1)
     _, test = experiments.load_arrays("fashion_mnist", train_subset=1)
     eval_key = jax.random.fold_in(jax.random.key(0), 2**31 - 1)  # train's evaluation key
     _, acc = train.evaluate(loaded.model, *test, 1000, key=eval_key)
@@ -50,6 +53,7 @@ def test_train_script_both_activations(tmp_path, capsys):
         ([], f"--out {out} already holds a run"),
         (["--resume", "--derivative", "mz"], "derivative: checkpoint 'mz2', now 'mz'"),
         (["--resume", "--read-noise", "0.1"], "read_noise: checkpoint 0.0, now 0.1"),
+        (["--resume", "--device", "hk=100"], "device: checkpoint"),
         (["--resume", "--model", "784-64-10"], "sizes: checkpoint [784, 256, 10], now [784, 64"),
     ]:
         capsys.readouterr()
@@ -103,6 +107,9 @@ def _parse_error(argv, capsys) -> str:
         (["--seed", "-1"], "--seed: must be in [0, 2**32), got -1"),
         (["--seed", str(2**32)], f"--seed: must be in [0, 2**32), got {2**32}"),
         (["--out", "x", "--resume", "--overwrite"], "--resume and --overwrite exclude each other"),
+        (["--device", "Ms=-1"], "--device: device: DeviceParams.Ms (A/m) must be > 0"),
+        (["--device", "xi=0.3"], "device override 'xi=0.3': expected NAME=VALUE"),
+        (["--device", "h_bias=4e3"], "h_bias takes 3 number(s)"),
     ],
 )
 def test_train_script_rejects_values(argv, message, capsys):
@@ -165,7 +172,16 @@ def test_reproduce_quick_smoke(tmp_path):
     std = np.asarray(rob["std_over_keys_pp"]["inference"])
     assert std[0, 0] == 0 and std[-1, -1] > 0  # no noise: one evaluation; noisy: a spread
     assert (tmp_path / "robustness.png").stat().st_size > 1000
+    assert rob["seeds"] == [0] and rob["reset_offset"]["offset"] == [0.1]
+    assert len(rob["values_pp"]["training"][0][0]) == 1  # seeds x keys per cell
+    assert "imperfect reset" in (tmp_path / "robustness.md").read_text()
     assert saved["cifar100"] == "skipped (--skip-cifar)"
+    # finding (i) on a non-ideal device: its own table, figure and JSON
+    curves = json.loads((tmp_path / "device_curves.json").read_text())
+    assert curves["devices"]["hk 8e3 A/m"]["deviation"]["max_abs_p1_minus_tanh"] > 0.15
+    assert "| hk 8e3 A/m | 0.2" in (tmp_path / "device_curves.md").read_text()
+    assert (tmp_path / "device_curves.png").stat().st_size > 1000
+    assert "(i) MLP trained with MTJ neurons, hk 8e3 A/m, derivative mz2" in table
 
 
 def test_device_size_quick(tmp_path):
