@@ -61,7 +61,7 @@ def size_study(
     acts = {}
     for d in diameters:
         p = device(d, temperature)
-        act = MTJActivation(p, mode="thermal")
+        act = MTJActivation(p, mode="thermal", thermal_std_limit=None)  # 10 nm: indicative
         s1 = float(jnp.asarray(act.table.coef)[..., 4, 0][act.grid.locate(jnp.zeros(()))[0]])
         acts[d] = act
         out["devices"][f"{d * 1e9:g}"] = {

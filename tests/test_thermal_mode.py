@@ -175,3 +175,37 @@ def test_validity_check_passes_the_paper_device():
 
     r = thermal_vs_sde(mtjax.DeviceParams.paper(), n=4096, seed=0)
     assert r["passes"] and 0.06 < r["std_mx_at_z0"] < 0.08
+
+
+def test_thermal_mode_refuses_devices_beyond_its_validated_range():
+    """A 1 nm device at 300 K gave activations of 1.7 and -2.5 (|m.p1| <= 1) silently."""
+    import equinox as eqx
+    import jax
+    import jax.numpy as jnp
+
+    from mtjax import DeviceParams
+    from mtjax.nn import MTJActivation
+
+    def device(d, t=300.0):
+        return DeviceParams.paper(temperature=t, diameter_x=d, diameter_y=d)
+
+    ok = MTJActivation(device(15e-9), mode="thermal")  # validated against the SDE (README)
+    assert 0.2 < float(ok.thermal_std()[0]) < 0.25
+    for d in (12e-9, 1e-9):
+        with pytest.raises(ValueError, match="thermal_std_limit=0.25"):
+            MTJActivation(device(d), mode="thermal")
+    loose = MTJActivation(device(10e-9), mode="thermal", thermal_std_limit=None)
+    assert float(loose.thermal_std()[0]) > 0.3
+    with pytest.raises(ValueError, match="thermal_std_limit: must be > 0"):
+        MTJActivation(device(50e-9), mode="thermal", thermal_std_limit=0.0)
+    # co-design moving the device out of range inside jit raises instead of sampling
+    act = MTJActivation(device(50e-9), mode="thermal", train_device=True)
+
+    @eqx.filter_jit
+    def out(temperature):
+        moved = act.with_devices(device(50e-9, temperature), act.input_scale).rebuild()
+        return moved(jnp.zeros(3), key=jax.random.key(0))
+
+    assert jnp.all(jnp.abs(out(300.0)) < 1)
+    with pytest.raises(Exception, match="thermal_std_limit"):
+        out(6000.0)

@@ -104,6 +104,9 @@ DEFAULT_Z_MAX = 6.0
 #: Neurons per `lax.map` chunk in "ode"/"sde"; 0 = one vmap over all neurons (fastest on
 #: CPU with the current solver; a chunk bounds memory, e.g. for "autodiff" through "sde").
 DEFAULT_CHUNK = 0
+#: Largest read-out std the "thermal" mode accepts: the Gaussian approximation passes the SDE
+#: check at 15 nm, 300 K (table std 0.235) and fails at 10 nm (0.352); README.
+THERMAL_STD_LIMIT = 0.25
 
 
 class TableGrid(eqx.Module):
@@ -595,6 +598,7 @@ class MTJActivation(eqx.Module):
     grid: TableGrid
     chunk: int = eqx.field(static=True)
     train_device: bool = eqx.field(static=True)
+    thermal_std_limit: float | None = eqx.field(static=True)
     accepts_key = True  # `mtjax.nn.MLP` passes each layer its key
 
     def __init__(
@@ -613,6 +617,7 @@ class MTJActivation(eqx.Module):
         train_device: bool = False,
         m0: Float[ArrayLike, "3"] | Float[ArrayLike, "n 3"] | None = None,
         grid: TableGrid | None = None,
+        thermal_std_limit: float | None = THERMAL_STD_LIMIT,
     ):
         """`params`: one device (shared by all neurons) or a batch (n,) of devices, one per
         neuron; default `DeviceParams.paper()`. `input_scale` (A per unit z): default
@@ -628,7 +633,10 @@ class MTJActivation(eqx.Module):
         gradient is never that of a stale table). Devices are optimized through
         `mtjax.codesign`, whose bounded design variables keep them physical. `m0`: the state
         the free layer is reset to before each pulse (default +z): one (3,) for all neurons
-        or (n, 3), one per neuron (imperfect reset, e.g. `mtjax.sample_reset_states`)."""
+        or (n, 3), one per neuron (imperfect reset, e.g. `mtjax.sample_reset_states`).
+        `thermal_std_limit`: "thermal" refuses devices whose read-out std (`thermal_std`)
+        exceeds it anywhere on the grid, where the Gaussian approximation is not validated
+        (README; use mode="sde"); None accepts them (checked on concrete params only)."""
         params = DeviceParams.paper() if params is None else params
         if not isinstance(params, DeviceParams):
             raise TypeError(f"params: expected DeviceParams, got {type(params).__name__}")
@@ -677,6 +685,9 @@ class MTJActivation(eqx.Module):
             raise ValueError(f"chunk: must be an integer >= 0, got {chunk!r}")
         self.chunk = int(chunk)
         self.train_device = bool(train_device)
+        if thermal_std_limit is not None and not thermal_std_limit > 0:
+            raise ValueError(f"thermal_std_limit: must be > 0 or None, got {thermal_std_limit}")
+        self.thermal_std_limit = thermal_std_limit
         self.table = None
         if mode in ("table", "thermal"):
             traced = any(isinstance(v, jax.core.Tracer) for v in jax.tree.leaves(params))
@@ -686,6 +697,19 @@ class MTJActivation(eqx.Module):
             else:
                 det = None
             self.table = self._tables(det)
+
+    def thermal_std(self) -> Float[Array, "*n 2"]:
+        """Largest std of (m.p1, m.p2) over the input range, per device, from the thermal
+        tables (sampled at 4x the table resolution)."""
+        if self.mode != "thermal":
+            raise ValueError(f"thermal_std: needs mode='thermal', not {self.mode!r}")
+        z = jnp.linspace(-self.z_max, self.z_max, 4 * self.grid.n_grid + 1)
+        if self.n_devices is not None:
+            z = jnp.broadcast_to(z[:, None], (z.shape[0], self.n_devices))
+        curves = hermite_eval(self.table.coef[..., 4:, :], self.grid, z)  # L11, L21, L22
+        l11, l21, l22 = jnp.moveaxis(curves, -1, 0)
+        std = jnp.stack([jnp.abs(l11), jnp.hypot(l21, l22)], axis=-1)
+        return std.max(axis=0)
 
     @property
     def n_devices(self) -> int | None:
@@ -714,11 +738,31 @@ class MTJActivation(eqx.Module):
                 jnp.asarray(M_UP if self.m0 is None else self.m0), (*self.params.batch_shape, 3)
             )
             stats = _noise_nodes(self.params, input_scale, self.grid, self.steps, m0)
+            stats = self._checked_spread(stats)
             noise = hermite_coefficients_over(sampling_curves(stats))
             means = table.coef + noise[..., :2, :]  # exact at T = 0 (zero shifts)
             coef = jnp.concatenate([table.coef, means, noise[..., 2:, :]], axis=-2)
             table = ResponseTable(coef, table.grid)
         return table
+
+    def _checked_spread(self, stats: Array) -> Array:
+        """`stats` (d1, d2, s1, s2, rho at the nodes), refused where a std exceeds
+        `thermal_std_limit`: ValueError on concrete params, `eqx.error_if` when traced
+        (co-design moving the device out of the validated range)."""
+        limit = self.thermal_std_limit
+        if limit is None:
+            return stats
+        worst = jnp.max(stats[..., 2:4])
+        msg = (
+            f"mode='thermal': a read-out's thermal std exceeds thermal_std_limit={limit}, "
+            "beyond the validated range of the Gaussian approximation (device too small or "
+            "too hot); use mode='sde', or thermal_std_limit=None to accept it"
+        )
+        if isinstance(worst, jax.core.Tracer):
+            return eqx.error_if(stats, worst > limit, msg)
+        if float(worst) > limit:
+            raise ValueError(f"{msg} (largest std {float(worst):.3f})")
+        return stats
 
     def rebuild(self) -> MTJActivation:
         """Copy with the tables recomputed from the current params and input_scale
