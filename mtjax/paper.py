@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -199,7 +199,8 @@ def robustness_study(
     draws its own devices. Each cell: mean over seeds of the mean over `n_keys` noise keys,
     the std over seeds of those means ("std_over_seeds_pp") and the mean std over keys
     ("std_over_keys_pp"). Variation >= 1/3 is lognormal (`experiments.make_activation`)."""
-    models = software_models if isinstance(software_models, dict) else {base.seed: software_models}
+    one = not isinstance(software_models, Mapping)
+    models = {base.seed: software_models} if one else dict(software_models)
     _, test_data = data
     kinds = ("inference", "training") if train_too else ("inference",)
     sw = [100 * _train.evaluate(m, *test_data, 1000)[1] for m in models.values()]

@@ -84,11 +84,11 @@ def _mtj_variants(sizes, *, with_sde: bool):
     return variants
 
 
-def _curves(base, fm, seeds, out: Path, report: dict, rows: list, progress: bool) -> dict:
+def _curves(base, fm, seeds, out, report, rows, *, quick: bool, progress: bool) -> dict:
     """Finding (i) on the paper and non-ideal devices: device_curves.*, summary rows; the
     software networks by seed."""
     print("(i) software vs MTJ-in-the-loop training, paper and non-ideal devices", flush=True)
-    q = base.train_subset is not None
+    q = quick
     devices = paper.CURVE_DEVICES
     if q:
         devices = {k: devices[k] for k in ("paper device", "hk 8e3 A/m")}
@@ -130,7 +130,7 @@ def main(argv=None) -> dict:
     # (i) device in the training loop, per derivative, ideal and non-ideal devices
     software = {}
     if args.only in ("all", "curves"):
-        software = _curves(base, fm, seeds, out, report, rows, progress)
+        software = _curves(base, fm, seeds, out, report, rows, quick=q, progress=progress)
         if args.only == "curves":
             return report
 
