@@ -1,9 +1,9 @@
 """Reproduce the paper's findings (i)-(iii) on Fashion-MNIST (and CIFAR-100 when available).
 
-Writes <out>/paper_reproduction.md (summary table), paper_reproduction.json, robustness.json,
-robustness.png, and device_curves.{json,md,png} (finding (i) on non-ideal devices; `--only
-curves` runs just that). --quick: tiny subsets and 1 epoch (a smoke test, numbers
-meaningless).
+Writes <out>/paper_reproduction.md (summary table), paper_reproduction.json,
+robustness.{json,md,png} (finding (ii); `--only robustness` runs just that), and
+device_curves.{json,md,png} (finding (i) on non-ideal devices; `--only curves`). --quick:
+tiny subsets and 1 epoch (a smoke test, numbers meaningless).
 """
 
 from __future__ import annotations
@@ -37,9 +37,13 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny subsets, 1 epoch")
     ap.add_argument("--seeds", type=int, default=5, help="seeds for finding (i) (>= 1)")
     ap.add_argument(
-        "--only", default="all", choices=("all", "curves"),
-        help="curves: only finding (i) on the paper and non-ideal devices (device_curves.*)",
+        "--only", default="all", choices=("all", "curves", "robustness"),
+        help="curves: only finding (i) on the paper and non-ideal devices (device_curves.*); "
+        "robustness: only finding (ii) (robustness.*)",
     )  # fmt: skip
+    ap.add_argument(
+        "--robustness-seeds", type=int, default=3, help="training seeds for finding (ii) (>= 1)"
+    )
     ap.add_argument("--epochs", type=int, default=10, help="MLP epochs (>= 1)")
     ap.add_argument("--data-dir", default=None, help="raw dataset folder (both datasets)")
     ap.add_argument("--skip-cifar", action="store_true")
@@ -49,8 +53,8 @@ def parse_args(argv=None):
     )  # fmt: skip
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    if args.seeds < 1 or args.epochs < 1:
-        ap.error("--seeds and --epochs must be >= 1")
+    if min(args.seeds, args.robustness_seeds, args.epochs) < 1:
+        ap.error("--seeds, --robustness-seeds and --epochs must be >= 1")
     return args
 
 

@@ -152,6 +152,17 @@ def test_device_demo_prints_table():
         assert abs(float(mz) - float(sech)) < 1e-3
 
 
+def test_reproduce_parses_its_only_choices(capsys):
+    # --only robustness / --robustness-seeds were read by main but missing from the parser
+    parse_args = runpy.run_path(str(ROOT / "scripts" / "reproduce.py"))["parse_args"]
+    args = parse_args(["--only", "robustness", "--robustness-seeds", "2"])
+    assert (args.only, args.robustness_seeds) == ("robustness", 2)
+    assert parse_args([]).robustness_seeds == 3
+    with pytest.raises(SystemExit):
+        parse_args(["--robustness-seeds", "0"])
+    assert "--robustness-seeds" in capsys.readouterr().err
+
+
 def test_reproduce_quick_smoke(tmp_path):
     main = runpy.run_path(str(ROOT / "scripts" / "reproduce.py"))["main"]
     report = main(["--quick", "--skip-cifar", "--no-progress", "--out", str(tmp_path)])
