@@ -5,8 +5,9 @@ derivative ("mz2", "mz", "autodiff"), over seeds, on the paper device and on non
 devices whose curves differ from tanh / sech (`CURVE_DEVICES`). (ii) `robustness_study`:
 device variation x read noise, at inference only (software weights deployed) and during
 training. (iii) `transfer_rows` (software weights deployed on MTJ neurons, no retraining,
-optional fine-tuning; MLP and CNN) and `distill_study` (a software teacher distilled into a
-small MTJ student vs the same student trained alone). `scripts/reproduce.py` runs them and writes
+optional fine-tuning; MLP and CNN) and `distill_sweep` (a software teacher distilled into a
+small MTJ student vs the same student trained alone, over temperature, alpha, student width
+and training length). `scripts/reproduce.py` runs them and writes
 `results/`; `markdown_table` renders the summary rows.
 """
 
@@ -295,41 +296,146 @@ def transfer_rows(
     return rows
 
 
-def distill_study(
+#: The knowledge-distillation sweep (`distill_sweep`).
+KD_TEMPERATURES = (1.0, 2.0, 4.0, 8.0)
+KD_ALPHAS = (0.3, 0.5, 0.7, 0.9)
+KD_WIDTHS = (16, 32, 64)
+KD_EPOCHS = (5, 10, 20)
+
+
+def distill_sweep(
     teacher_spec: ex.RunSpec,
     student_spec: ex.RunSpec,
     data,
-    seeds: Sequence[int] = (0,),
+    seeds: Sequence[int] = (0, 1, 2),
+    temperatures: Sequence[float] = KD_TEMPERATURES,
+    alphas: Sequence[float] = KD_ALPHAS,
+    widths: Sequence[int] = KD_WIDTHS,
+    epochs: Sequence[int] = KD_EPOCHS,
     *,
-    temperature: float = 2.0,
-    alpha: float = 0.5,
     progress: bool = False,
-) -> list[Row]:
-    """A software teacher distilled into an MTJ student vs the same student (same seed)
-    trained alone; accuracies as mean ± std over `seeds`."""
+) -> dict[str, Any]:
+    """Does distillation from a software teacher help an MTJ student? One teacher
+    (`teacher_spec`), then per seed: (a) KD at every temperature x alpha, at the student's
+    width (`student_spec.sizes[1]`) and `student_spec.epochs`; (b) the best (temperature,
+    alpha) of (a) (largest mean gain) at every width of `widths` and training length of
+    `epochs`. Every KD run is paired with the same student (seed, width, epochs) trained
+    alone with cross-entropy: gain = KD - alone (test accuracy, pp, mean ± std over seeds)."""
+    if len(student_spec.sizes) != 3:
+        raise ValueError(f"student_spec.sizes: one hidden layer expected, got {student_spec.sizes}")
     train_data, test_data = data
     t_summary, t_res = ex.run(teacher_spec, train_data, test_data, progress=progress)
-    alone, kd = [], []
-    for seed in seeds:
-        spec = dataclasses.replace(student_spec, seed=seed)
-        summary, _ = ex.run(spec, train_data, test_data, progress=progress)
-        alone.append(summary["test_accuracy"])
-        student = ex.make_model(spec)
-        res = distill(
-            t_res.model, student, train_data, test_data, spec.config(),
-            temperature=temperature, alpha=alpha, progress=progress,
-            filter_spec=trainable(student),
-        )  # fmt: skip
-        kd.append(res.test_accuracy)
-    teacher = 100 * t_summary["test_accuracy"]
+    alone: dict[tuple, float] = {}
+    kd: dict[tuple, float] = {}
+    ref_w, ref_e = student_spec.sizes[1], student_spec.epochs
+
+    def spec_of(width, n_epochs, seed):
+        sizes = (student_spec.sizes[0], width, student_spec.sizes[2])
+        return dataclasses.replace(student_spec, sizes=sizes, epochs=n_epochs, seed=seed)
+
+    def cell(t, a, width, n_epochs) -> dict[str, Any]:
+        for seed in seeds:
+            spec = spec_of(width, n_epochs, seed)
+            if (width, n_epochs, seed) not in alone:
+                summary, _ = ex.run(spec, train_data, test_data, progress=progress)
+                alone[width, n_epochs, seed] = summary["test_accuracy"]
+            if (t, a, width, n_epochs, seed) not in kd:
+                student = ex.make_model(spec)
+                res = distill(
+                    t_res.model, student, train_data, test_data, spec.config(),
+                    temperature=t, alpha=a, progress=progress, filter_spec=trainable(student),
+                )  # fmt: skip
+                kd[t, a, width, n_epochs, seed] = res.test_accuracy
+        a_acc = [alone[width, n_epochs, s] for s in seeds]
+        k_acc = [kd[t, a, width, n_epochs, s] for s in seeds]
+        return {
+            "temperature": t, "alpha": a, "width": width, "epochs": n_epochs,
+            "alone_pp": _pp(a_acc), "kd_pp": _pp(k_acc), "gain_pp": _paired(k_acc, a_acc),
+            "alone": a_acc, "kd": k_acc,
+        }  # fmt: skip
+
+    grid = [[cell(float(t), float(a), ref_w, ref_e) for a in alphas] for t in temperatures]
+    best = max((c for row in grid for c in row), key=lambda c: c["gain_pp"]["mean"])
+    t_best, a_best = best["temperature"], best["alpha"]
+    return {
+        "teacher": dataclasses.asdict(teacher_spec), "student": dataclasses.asdict(student_spec),
+        "teacher_accuracy_pp": 100 * t_summary["test_accuracy"], "seeds": list(seeds),
+        "temperatures": [float(t) for t in temperatures], "alphas": [float(a) for a in alphas],
+        "grid": grid, "best": {"temperature": t_best, "alpha": a_best},
+        "widths": [cell(t_best, a_best, int(w), ref_e) for w in widths],
+        "epochs": [cell(t_best, a_best, ref_w, int(e)) for e in epochs],
+    }  # fmt: skip
+
+
+def _ms(ms: Mapping[str, float]) -> str:
+    return f"{ms['mean']:.2f} ± {ms['std']:.2f}"
+
+
+def distill_markdown(result: Mapping[str, Any]) -> str:
+    """Tables of `distill_sweep`: the KD gain over temperature x alpha, then the best setting
+    across student widths and training lengths (pp, mean ± std over seeds)."""
+    alphas = result["alphas"]
+    ref = result["grid"][0][0]
+    lines = [
+        f"Teacher (software tanh): {result['teacher_accuracy_pp']:.2f} %. Student trained "
+        f"alone (width {ref['width']}, {ref['epochs']} epochs): {_ms(ref['alone_pp'])} %.",
+        "",
+        "KD gain (KD - alone, pp) by temperature (rows) and alpha (columns):",
+        "",
+        "| T | " + " | ".join(f"alpha {a:g}" for a in alphas) + " |",
+        "|" + "---|" * (len(alphas) + 1),
+    ]
+    for row in result["grid"]:
+        lines.append(f"| {row[0]['temperature']:g} | " + " | ".join(_ms(c["gain_pp"]) for c in row)
+                     + " |")  # fmt: skip
+    b = result["best"]
+    lines += [
+        "",
+        f"Best: T = {b['temperature']:g}, alpha = {b['alpha']:g}, across student widths and "
+        "training lengths:",
+        "",
+        "| width | epochs | alone (%) | KD (%) | gain (pp) |",
+        "|---|---|---|---|---|",
+    ]
+    seen = set()
+    for c in result["widths"] + result["epochs"]:
+        if (c["width"], c["epochs"]) in seen:
+            continue
+        seen.add((c["width"], c["epochs"]))
+        lines.append(f"| {c['width']} | {c['epochs']} | {_ms(c['alone_pp'])} | "
+                     f"{_ms(c['kd_pp'])} | {_ms(c['gain_pp'])} |")  # fmt: skip
+    n = len(result["seeds"])
+    return "\n".join(lines) + (
+        f"\n\nMean ± std over {n} seed(s); each KD run is paired with the same student (seed, "
+        "width, epochs) trained alone with cross-entropy.\n"
+    )
+
+
+def distill_figure(result: dict, path: str | os.PathLike) -> Path:
+    """`mtjax.plot.distill_sweep` of a `distill_sweep` result, PNG written atomically."""
+    return _plot.save(_plot.distill_sweep(result), path)
+
+
+def distill_rows(result: Mapping[str, Any]) -> list[Row]:
+    """Summary rows of `distill_sweep`: the student alone and distilled with the best setting
+    at the reference width and length."""
+    b = result["best"]
+    ref = next(c for row in result["grid"] for c in row
+               if (c["temperature"], c["alpha"]) == (b["temperature"], b["alpha"]))  # fmt: skip
+    teacher = result["teacher_accuracy_pp"]
     rows = []
-    for label, accs in (("trained alone", alone), ("distilled from the teacher", kd)):
-        ms = ex.mean_std([100 * a for a in accs])
+    for label, ms in (("trained alone", ref["alone_pp"]), ("distilled from the teacher",
+                                                           ref["kd_pp"])):  # fmt: skip
         rows.append({
             "experiment": f"KD: MTJ student {label}", "software_pp": f"{teacher:.2f}",
-            "mtj_pp": f"{ms['mean']:.2f} ± {ms['std']:.2f}",
-            "gap_pp": f"{teacher - ms['mean']:.2f}", "seeds": len(seeds),
+            "mtj_pp": _ms(ms), "gap_pp": f"{teacher - ms['mean']:.2f}",
+            "seeds": len(result["seeds"]),
         })  # fmt: skip
+    rows[-1]["settings"] = (
+        f"student 784-{ref['width']}-10 MTJ, {ref['epochs']} epochs, best of the sweep: "
+        f"T={b['temperature']:g}, alpha={b['alpha']:g}; KD gain {_ms(ref['gain_pp'])} pp "
+        "(distillation.md)"
+    )
     return rows
 
 

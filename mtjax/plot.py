@@ -621,6 +621,38 @@ def curve_study(result: Mapping, axes: Sequence[Axes] | None = None) -> list[Axe
     return [ax_c, ax_g]
 
 
+def distill_sweep(result: Mapping, axes: Sequence[Axes] | None = None) -> list[Axes]:
+    """`mtjax.paper.distill_sweep` in three panels: the KD gain (KD - alone, pp, mean +- std
+    over seeds) against temperature (one line per alpha), against student width and against
+    training length (the best temperature and alpha)."""
+    grid = result.get("grid")
+    if not grid:
+        raise ValueError("result: no 'grid' to plot (a distill_sweep result)")
+    ax_t, ax_w, ax_e = _axes_list(axes, 3, (13.0, 3.8))
+    temps = [row[0]["temperature"] for row in grid]
+    for j, a in enumerate(result["alphas"]):
+        gains = [row[j]["gain_pp"] for row in grid]
+        ax_t.errorbar(temps, [g["mean"] for g in gains], yerr=[g["std"] for g in gains],
+                      marker="o", capsize=3, label=f"alpha {a:g}")  # fmt: skip
+    ax_t.set(xscale="log", xlabel="KD temperature T", title="KD gain at the reference student")
+    ax_t.legend(fontsize="small")
+    b = result["best"]
+    lines = ((ax_w, result["widths"], "width", "student hidden width"),
+             (ax_e, result["epochs"], "epochs", "training epochs"))  # fmt: skip
+    for ax, line, key, label in lines:
+        xs = [c[key] for c in line]
+        ax.errorbar(xs, [c["gain_pp"]["mean"] for c in line],
+                    yerr=[c["gain_pp"]["std"] for c in line], marker="o", capsize=3)  # fmt: skip
+        ax.set(xscale="log", xlabel=label,
+               title=f"T = {b['temperature']:g}, alpha = {b['alpha']:g}")  # fmt: skip
+        ax.set_xticks(xs, [str(x) for x in xs])
+    for ax in (ax_t, ax_w, ax_e):
+        ax.axhline(0, color="k", lw=0.8)
+        ax.grid(alpha=0.3)
+        ax.set_ylabel("KD - alone test accuracy (pp)")
+    return [ax_t, ax_w, ax_e]
+
+
 # --------------------------------------------------------------------------- files
 
 

@@ -1,8 +1,9 @@
 """Reproduce the paper's findings (i)-(iii) on Fashion-MNIST (and CIFAR-100 when available).
 
 Writes <out>/paper_reproduction.md (summary table), paper_reproduction.json,
-robustness.{json,md,png} (finding (ii); `--only robustness` runs just that), and
-device_curves.{json,md,png} (finding (i) on non-ideal devices; `--only curves`). --quick:
+robustness.{json,md,png} (finding (ii); `--only robustness` runs just that),
+device_curves.{json,md,png} (finding (i) on non-ideal devices; `--only curves`) and
+distillation.{json,md,png} (the KD sweep; `--only kd`). --quick:
 tiny subsets and 1 epoch (a smoke test, numbers meaningless).
 """
 
@@ -37,10 +38,11 @@ def parse_args(argv=None):
     ap.add_argument("--quick", action="store_true", help="smoke run: tiny subsets, 1 epoch")
     ap.add_argument("--seeds", type=int, default=5, help="seeds for finding (i) (>= 1)")
     ap.add_argument(
-        "--only", default="all", choices=("all", "curves", "robustness"),
+        "--only", default="all", choices=("all", "curves", "robustness", "kd"),
         help="curves: only finding (i) on the paper and non-ideal devices (device_curves.*); "
-        "robustness: only finding (ii) (robustness.*)",
+        "robustness: only finding (ii) (robustness.*); kd: only the distillation sweep",
     )  # fmt: skip
+    ap.add_argument("--kd-seeds", type=int, default=3, help="seeds of the KD sweep (>= 1)")
     ap.add_argument(
         "--robustness-seeds", type=int, default=3, help="training seeds for finding (ii) (>= 1)"
     )
@@ -53,8 +55,8 @@ def parse_args(argv=None):
     )  # fmt: skip
     ap.add_argument("--no-progress", action="store_true")
     args = ap.parse_args(argv)
-    if min(args.seeds, args.robustness_seeds, args.epochs) < 1:
-        ap.error("--seeds, --robustness-seeds and --epochs must be >= 1")
+    if min(args.seeds, args.robustness_seeds, args.kd_seeds, args.epochs) < 1:
+        ap.error("--seeds, --robustness-seeds, --kd-seeds and --epochs must be >= 1")
     return args
 
 
@@ -118,6 +120,28 @@ def _curves(base, fm, seeds, out, report, rows, *, quick: bool, progress: bool) 
     return software
 
 
+def _distillation(base, fm, out, report, rows, seeds, *, quick: bool, progress: bool) -> None:
+    """The KD sweep (`paper.distill_sweep`): distillation.{json,md,png}, summary rows."""
+    print("KD sweep: temperature x alpha, student width, training length", flush=True)
+    teacher = dataclasses.replace(base, sizes=(784, 512, 512, 10), activation="tanh")
+    student = dataclasses.replace(base, sizes=(784, 32, 10), activation="mtj")
+    grid = {}
+    if quick:
+        grid = dict(temperatures=(2.0, 4.0), alphas=(0.5,), widths=(16, 32), epochs=(1,))
+    sweep = paper.distill_sweep(teacher, student, fm, seeds, progress=progress, **grid)
+    atomic_write_json(out / "distillation.json", sweep)
+    paper.distill_figure(sweep, out / "distillation.png")
+    md = paper.distill_markdown(sweep)
+    cmd = f"`python scripts/reproduce.py{' --quick' if quick else ''} --only kd`"
+    title = (f"# Knowledge distillation ({cmd}; teacher 784-512-512-10 tanh, MTJ student "
+             f"784-w-10, table mode, {base.epochs} teacher epochs)")  # fmt: skip
+    atomic_write_bytes(out / "distillation.md", f"{title}\n\n{md}".encode())
+    report["distillation"] = sweep
+    print(md, flush=True)
+    for r in paper.distill_rows(sweep):
+        rows.append({**r, "paper": PAPER["kd"]})
+
+
 def main(argv=None) -> dict:
     args = parse_args(argv)
     out = Path(args.out)
@@ -130,6 +154,11 @@ def main(argv=None) -> dict:
     fm = ex.load_arrays("fashion_mnist", data_dir=args.data_dir, download=args.download, **subsets)
     base = ex.RunSpec(sizes=(784, 256, 10), epochs=epochs, **subsets)
     rows, report = [], {"settings": {"quick": q, "seeds": seeds, "epochs": epochs}}
+
+    kd_seeds = list(range(1 if q else args.kd_seeds))
+    if args.only == "kd":
+        _distillation(base, fm, out, report, rows, kd_seeds, quick=q, progress=progress)
+        return report
 
     # (i) device in the training loop, per derivative, ideal and non-ideal devices
     software = {}
@@ -189,11 +218,7 @@ def main(argv=None) -> dict:
     for r in mlp_rows + cnn_rows:
         rows.append({**r, "paper": PAPER["fmnist"], "settings": "no retraining unless stated",
                      "seeds": 1})  # fmt: skip
-    teacher = dataclasses.replace(base, sizes=(784, 512, 512, 10), activation="tanh")
-    student = dataclasses.replace(base, sizes=(784, 32, 10), activation="mtj")
-    for r in paper.distill_study(teacher, student, fm, seeds, progress=progress):
-        rows.append({**r, "paper": PAPER["kd"], "settings": "teacher 784-512-512-10 tanh, "
-                     "student 784-32-10 MTJ (table), T=2, alpha=0.5"})  # fmt: skip
+    _distillation(base, fm, out, report, rows, kd_seeds, quick=q, progress=progress)
 
     # CIFAR-100 (needs the data; this is skipped where it cannot be obtained)
     if args.skip_cifar:

@@ -98,3 +98,37 @@ def test_device_curve_study_pairs_by_seed(tmp_path):
     assert paper.curve_study_figure(result, tmp_path / "c.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="autodiff"):
         paper.device_curve_study(base, data, [0], devices, derivatives=("mz2",))
+
+
+def test_distill_sweep_pairs_each_kd_run_with_the_student_alone(tmp_path):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(1280, 8)).astype(np.float32)
+    y = (x[:, 0] > 0).astype(np.int32) + (x[:, 1] * x[:, 2] > 0.3)
+    data = ((x[:1024], y[:1024]), (x[1024:], y[1024:]))
+    teacher = ex.RunSpec(sizes=(8, 16, 3), epochs=2, batch_size=64, lr=1e-2)
+    student = ex.RunSpec(sizes=(8, 4, 3), activation="mtj", epochs=1, batch_size=64, lr=2e-2)
+    out = paper.distill_sweep(teacher, student, data, seeds=(0, 1), temperatures=(1.0, 4.0),
+                              alphas=(0.5,), widths=(4, 6), epochs=(1, 2))  # fmt: skip
+    cells = [c for row in out["grid"] for c in row]
+    assert [c["temperature"] for c in cells] == [1.0, 4.0]
+    best = max(cells, key=lambda c: c["gain_pp"]["mean"])
+    assert out["best"] == {"temperature": best["temperature"], "alpha": 0.5}
+    for c in cells + out["widths"] + out["epochs"]:
+        gains = 100 * (np.asarray(c["kd"]) - np.asarray(c["alone"]))
+        assert c["gain_pp"]["mean"] == pytest.approx(gains.mean())
+        assert len(c["kd"]) == 2
+    # the reference student (width 4, 1 epoch) is one run, reused across the lines
+    assert out["widths"][0]["alone"] == out["epochs"][0]["alone"] == best["alone"]
+    assert out["widths"][0]["kd"] == best["kd"]
+    assert [c["width"] for c in out["widths"]] == [4, 6]
+    assert [c["epochs"] for c in out["epochs"]] == [1, 2]
+    # distinct settings give distinct students (the KD loss is in effect)
+    assert cells[0]["kd"] != cells[1]["kd"] and cells[0]["kd"] != cells[0]["alone"]
+    md = paper.distill_markdown(out)
+    assert "| T | alpha 0.5 |" in md and "| 6 | 1 |" in md and "| 4 | 2 |" in md
+    rows = paper.distill_rows(out)
+    assert rows[1]["experiment"] == "KD: MTJ student distilled from the teacher"
+    assert f"T={best['temperature']:g}" in rows[1]["settings"]
+    assert paper.distill_figure(out, tmp_path / "kd.png").stat().st_size > 1000
+    with pytest.raises(ValueError, match="one hidden layer"):
+        paper.distill_sweep(teacher, teacher.__class__(sizes=(8, 4, 4, 3)), data)

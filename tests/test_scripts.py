@@ -193,6 +193,10 @@ def test_reproduce_quick_smoke(tmp_path):
     assert "| hk 8e3 A/m | 0.2" in (tmp_path / "device_curves.md").read_text()
     assert (tmp_path / "device_curves.png").stat().st_size > 1000
     assert "(i) MLP trained with MTJ neurons, hk 8e3 A/m, derivative mz2" in table
+    kd = json.loads((tmp_path / "distillation.json").read_text())
+    assert [c["width"] for c in kd["widths"]] == [16, 32] and len(kd["grid"]) == 2
+    assert "KD gain" in (tmp_path / "distillation.md").read_text()
+    assert (tmp_path / "distillation.png").stat().st_size > 1000
 
 
 def test_device_size_quick(tmp_path):
