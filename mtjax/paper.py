@@ -91,6 +91,8 @@ def device_curve_study(
     the curve and "derivative cost" = autodiff - mz2 / mz the effect of the device-supplied
     gradient (all gaps paired by seed, pp). Returns (result, software models by seed)."""
     devices = CURVE_DEVICES if devices is None else devices
+    if not devices or not seeds:
+        raise ValueError("devices, seeds: need at least one of each")
     if "autodiff" not in derivatives:
         raise ValueError("derivatives: need 'autodiff' (the exact-derivative control)")
     train_data, test_data = data

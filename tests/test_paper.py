@@ -98,6 +98,8 @@ def test_device_curve_study_pairs_by_seed(tmp_path):
     assert paper.curve_study_figure(result, tmp_path / "c.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="autodiff"):
         paper.device_curve_study(base, data, [0], devices, derivatives=("mz2",))
+    with pytest.raises(ValueError, match="at least one"):  # was a StopIteration in markdown
+        paper.device_curve_study(base, data, [0], {})
 
 
 def test_distill_sweep_pairs_each_kd_run_with_the_student_alone(tmp_path):
