@@ -311,3 +311,30 @@ def plot_curves(histories: dict[str, list[dict]], path: str | os.PathLike) -> Pa
     """Test accuracy per epoch of several runs (label -> `TrainResult.history`), PNG
     (`mtjax.plot.accuracy_curves`)."""
     return _plot.save(_plot.accuracy_curves(histories), path)
+
+
+def command_line(script: str, args, defaults, skip: Sequence[str] = ("out", "no_progress")) -> str:
+    """The command that reproduces a run of `script` with `args` (an `argparse.Namespace`):
+    the settings that differ from `defaults` (that parser's defaults), sequences
+    comma-joined, flags bare; `skip` (output folder, progress bar) left out."""
+    given, base = vars(args), vars(defaults)
+    flags = []
+    for name, value in given.items():
+        if name in skip or value == base.get(name) or value is False:
+            continue
+        flag = "--" + name.replace("_", "-")
+        if isinstance(value, (tuple, list)):
+            value = ",".join(map(str, value))
+        flags.append(flag if value is True else f"{flag} {value}")
+    return " ".join([f"python {script}", *flags])
+
+
+def software_mlp(
+    sizes: Sequence[int], train_data, test_data, epochs: int, *, batch_size: int = 128,
+    lr: float = 1e-3, progress: bool = True,
+) -> _train.TrainResult:  # fmt: skip
+    """A software-tanh `MLP(sizes, tanh, key=key(0))` trained with Adam: the baseline whose
+    weights the co-design scripts deploy on MTJ neurons."""
+    model = MLP(tuple(sizes), jnp.tanh, key=jax.random.key(0))
+    config = _train.TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr)
+    return _train.train(model, train_data, test_data, config, progress=progress)

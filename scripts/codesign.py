@@ -16,14 +16,12 @@ import time
 from pathlib import Path
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 
 from mtjax import DeviceParams, codesign
 from mtjax import experiments as ex
-from mtjax import train as _train
 from mtjax.fileio import atomic_write_bytes, atomic_write_json
-from mtjax.nn import MLP, deploy
+from mtjax.nn import deploy
 from mtjax.sensitivity import design_sensitivity
 from mtjax.variation import Spreads, sample_deviations
 
@@ -54,13 +52,7 @@ def parse_args(argv=None):
 
 def _command(args) -> str:
     """The command line that reproduces a run (non-default settings only)."""
-    defaults = vars(parse_args([]))
-    flags = [
-        f"--{k.replace('_', '-')}" + ("" if v is True else f" {v}")
-        for k, v in vars(args).items()
-        if k not in ("out", "no_progress") and v != defaults[k] and v is not False
-    ]
-    return " ".join(["python scripts/codesign.py", *flags])
+    return ex.command_line("scripts/codesign.py", args, parse_args([]))
 
 
 def _markdown(out: dict, command: str) -> str:
@@ -99,11 +91,9 @@ def main(argv=None) -> dict:
     subsets = dict(train_subset=2000, test_subset=500) if q else {}
     train_data, test_data = ex.load_arrays("fashion_mnist", **subsets)
     sizes = (784, 16, 10) if q else (784, 256, 10)
-    config = _train.TrainConfig(epochs=1 if q else args.epochs, batch_size=128, lr=1e-3)
-    software = _train.train(
-        MLP(sizes, jnp.tanh, key=jax.random.key(0)), train_data, test_data, config,
-        progress=not args.no_progress,
-    )  # fmt: skip
+    software = ex.software_mlp(
+        sizes, train_data, test_data, 1 if q else args.epochs, progress=not args.no_progress
+    )
     device = DeviceParams.paper(temperature=args.temperature)
     devs = None
     if args.variation > 0:

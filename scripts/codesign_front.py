@@ -41,7 +41,7 @@ from mtjax import experiments as ex  # noqa: E402
 from mtjax import plot as mplot  # noqa: E402
 from mtjax import train as _train  # noqa: E402
 from mtjax.fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
-from mtjax.nn import MLP, deploy  # noqa: E402
+from mtjax.nn import deploy  # noqa: E402
 from mtjax.size_study import thermal_std_at_zero  # noqa: E402
 from mtjax.validity import thermal_vs_sde  # noqa: E402
 from mtjax.variation import Spreads, sample_deviations  # noqa: E402
@@ -92,14 +92,8 @@ def parse_args(argv=None):
 
 
 def _command(args) -> str:
-    defaults = vars(parse_args([]))
-    flags = [
-        f"--{k.replace('_', '-')}"
-        + ("" if v is True else f" {','.join(map(str, v)) if isinstance(v, tuple) else v}")
-        for k, v in vars(args).items()
-        if k not in ("out", "no_progress") and v != defaults[k] and v is not False
-    ]
-    return " ".join(["python scripts/codesign_front.py", *flags])
+    """The command line that reproduces a run (non-default settings only)."""
+    return ex.command_line("scripts/codesign_front.py", args, parse_args([]))
 
 
 #: Grid placements: cell centres of the transformed box, or evenly from end to end.
@@ -267,9 +261,8 @@ def main(argv=None) -> dict:
             f"gradient runs' {n_gradient} training steps (the grids' budget); use fewer levels, "
             "fewer --free variables or more --weights/--codesign-epochs"
         )
-    software = _train.train(
-        MLP(sizes, jnp.tanh, key=jax.random.key(0)), train_data, test_data,
-        _train.TrainConfig(epochs=1 if q else args.epochs, batch_size=batch, lr=1e-3),
+    software = ex.software_mlp(
+        sizes, train_data, test_data, 1 if q else args.epochs, batch_size=batch,
         progress=progress,
     )  # fmt: skip
     space = codesign.DesignSpace(args.free, {k: v for k, v in BOUNDS.items() if k in args.free})

@@ -33,7 +33,7 @@ from mtjax import experiments as ex  # noqa: E402
 from mtjax import plot as mplot  # noqa: E402
 from mtjax import train as _train  # noqa: E402
 from mtjax.fileio import atomic_write_bytes, atomic_write_json  # noqa: E402
-from mtjax.nn import MLP, MTJActivation, deploy  # noqa: E402
+from mtjax.nn import MTJActivation, deploy  # noqa: E402
 
 # (label, defective device?, free variables); the paper-device row is the control: what the
 # driver gain alone buys a device without the defect.
@@ -103,11 +103,8 @@ def main(argv=None) -> dict:
     subsets = dict(train_subset=2000, test_subset=500) if q else {}
     train_data, test_data = ex.load_arrays("fashion_mnist", **subsets)
     sizes = (784, 16, 10) if q else (784, 256, 10)
-    software = _train.train(
-        MLP(sizes, jnp.tanh, key=jax.random.key(0)), train_data, test_data,
-        _train.TrainConfig(epochs=1 if q else args.epochs, batch_size=128, lr=1e-3),
-        progress=progress,
-    )  # fmt: skip
+    software = ex.software_mlp(sizes, train_data, test_data, 1 if q else args.epochs,
+                               progress=progress)  # fmt: skip
     paper = DeviceParams.paper(temperature=0.0)
     poor = DeviceParams.paper(hk=args.hk, temperature=0.0)
     epochs = 1 if q else args.repair_epochs

@@ -210,3 +210,14 @@ def test_device_size_quick(tmp_path):
     assert rows["10"]["std_mx_z0_table"] > 4 * rows["50"]["std_mx_z0_table"]  # 1/sqrt(V)
     for name in ("device_size.json", "device_size.md", "device_size.png"):
         assert (tmp_path / name).stat().st_size > 0
+
+
+def test_codesign_scripts_record_the_command_that_reproduces_them():
+    for script, argv, expected in (
+        ("codesign.py", ["--keys", "3", "--out", "x", "--no-progress"], "--keys 3"),
+        ("codesign_front.py", ["--quick", "--free", "diameter,thickness", "--levels", "3"],
+         "--quick --free diameter,thickness --levels 3"),
+    ):  # fmt: skip
+        ns = runpy.run_path(str(ROOT / "scripts" / script))
+        assert ns["_command"](ns["parse_args"](argv)) == f"python scripts/{script} {expected}"
+        assert ns["_command"](ns["parse_args"]([])) == f"python scripts/{script}"
