@@ -19,6 +19,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import jax
 import numpy as np
 
 from mtjax import experiments as ex
@@ -153,6 +154,27 @@ def curve_study_markdown(result: dict) -> str:
     )
 
 
+def curve_rows(result: Mapping[str, Any]) -> list[Row]:
+    """Summary rows of `device_curve_study`: every derivative on the paper device, "mz2" on
+    the others (all of them: `curve_study_markdown`)."""
+    rows = []
+    for label, e in result["devices"].items():
+        for der in DERIVATIVES if label == "paper device" else ("mz2",):
+            rows.append({
+                "experiment": f"(i) MLP trained with MTJ neurons, {label}, derivative {der}",
+                "software_pp": _ms(result["tanh_accuracy_pp"]),
+                "mtj_pp": _ms(e["accuracy_pp"][der]),
+                "gap_pp": _ms(e["gap_vs_tanh_pp"][der]),
+                "settings": f"{_sizes(result)}, table mode (all derivatives: device_curves.md)",
+                "seeds": len(result["seeds"]),
+            })  # fmt: skip
+    return rows
+
+
+def _sizes(result: Mapping[str, Any]) -> str:
+    return "-".join(str(n) for n in result["spec"]["sizes"])
+
+
 def curve_study_figure(result: dict, path: str | os.PathLike) -> Path:
     """`mtjax.plot.curve_study` of a `device_curve_study` result, PNG written atomically."""
     return _plot.save(_plot.curve_study(result), path)
@@ -266,35 +288,107 @@ def robustness_markdown(result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def transfer_rows(
-    name: str,
-    software_model,
+def robustness_rows(result: Mapping[str, Any]) -> list[Row]:
+    """Summary row of `robustness_study`: the worst cell of each grid (all: robustness.md)."""
+    worst = {}
+    for kind, grid in result["accuracy_pp"].items():
+        i, j = np.unravel_index(np.argmin(grid), np.shape(grid))
+        worst[kind] = f"{grid[i][j]:.2f} ± {result['std_over_seeds_pp'][kind][i][j]:.2f}"
+    sw = f"{result['software_accuracy_pp']:.2f} ± {result['software_accuracy_std_pp']:.2f}"
+    return [{
+        "experiment": "(ii) worst cell of the variation x read-noise grid, " + " / ".join(worst)
+        + " (all cells and imperfect reset: robustness.md)",
+        "software_pp": sw, "mtj_pp": " / ".join(worst.values()), "gap_pp": "",
+        "settings": f"{_sizes(result)}, variation <= {max(result['variation']):g}, "
+        f"read noise <= {max(result['read_noise']):g}",
+        "seeds": len(result["seeds"]), "noise_keys": result["n_keys"],
+    }]  # fmt: skip
+
+
+#: Deployment variants of finding (iii): label -> `RunSpec` changes of the MTJ network
+#: whose hidden neurons take the software weights (devices drawn per seed).
+TRANSFER_VARIANTS: dict[str, dict[str, Any]] = {
+    "table, ideal device": {},
+    "ode, ideal device": {"mode": "ode"},
+    "table, 5 % variation + 0.01 read noise": {"variation": 0.05, "read_noise": 0.01},
+    "table, 10 % variation + 0.05 read noise": {"variation": 0.1, "read_noise": 0.05},
+    "thermal, 300 K": {"mode": "thermal", "temperature": 300.0},
+    "sde, 300 K (reference)": {"mode": "sde", "temperature": 300.0},
+}
+
+
+def transfer_study(
+    base: ex.RunSpec,
     data,
-    variants: dict[str, Any],
+    software_models: Mapping[int, Any],
+    variants: Mapping[str, Mapping[str, Any]] | None = None,
     *,
     finetune: tuple[str, ex.RunSpec] | None = None,
     n_keys: int = 5,
+    max_seeds: Mapping[str, int] | None = None,
     progress: bool = False,
-) -> list[Row]:
-    """Deploy `software_model`'s weights with each activation in `variants` (label ->
-    activation or per-layer list) and evaluate without retraining; `finetune=(label, spec)`
-    also trains that variant for `spec.epochs` with the device in the loop. Noisy variants:
-    accuracy mean ± std over `n_keys` noise keys (`experiments.accuracies_over_keys`)."""
+) -> dict[str, Any]:
+    """Software weights deployed on MTJ neurons without retraining (finding (iii)).
+
+    `software_models`: seed -> software network of `base.sizes`; every variant (label ->
+    `RunSpec` changes, default `TRANSFER_VARIANTS`) deploys each seed's weights on neurons
+    drawn with that seed (`experiments.evaluate_with`), noisy ones scored over `n_keys` noise
+    keys. `finetune=(label, spec)` also trains that variant for `spec.epochs` with the
+    device in the loop. `max_seeds`: label -> how many of the seeds (the first) an expensive
+    variant runs. Returns accuracies (%) [seed][key] per variant, its seeds, and the software
+    accuracy per seed."""
+    if not software_models:
+        raise ValueError("software_models: need at least one seed")
+    variants = dict(TRANSFER_VARIANTS if variants is None else variants)
+    if finetune is not None and finetune[0] not in variants:
+        raise ValueError(f"finetune: {finetune[0]!r} is not one of the variants")
     train_data, test_data = data
-    _, sw = _train.evaluate(software_model, *test_data, 500)
-    rows = []
-    for label, act in variants.items():
-        accs = ex.accuracies_over_keys(deploy(software_model, act), test_data, n_keys)
-        rows.append(_row(f"{name}: deploy, {label}", sw, accs))
+    seeds = list(software_models)
+    result: dict[str, Any] = {
+        "seeds": seeds, "n_keys": n_keys, "spec": dataclasses.asdict(base),
+        "software_pp": [100 * _train.evaluate(m, *test_data, 1000)[1]
+                        for m in software_models.values()],
+        "variants": {},
+    }  # fmt: skip
+
+    def spec_of(changes, seed):
+        return dataclasses.replace(base, activation="mtj", seed=seed, **changes)
+
+    max_seeds = dict(max_seeds or {})
+    unknown = set(max_seeds) - set(variants)
+    if unknown or any(n < 1 for n in max_seeds.values()):
+        raise ValueError(f"max_seeds: unknown variants {sorted(unknown)} or a count < 1")
+    for label, changes in variants.items():
+        use = seeds[: max_seeds.get(label, len(seeds))]
+        result["variants"][label] = {"changes": dict(changes), "seeds": use, "values_pp": [
+            [100 * a for a in ex.evaluate_with(software_models[s], spec_of(changes, s),
+                                               test_data, n_keys=n_keys)]
+            for s in use
+        ]}  # fmt: skip
     if finetune is not None:
-        label, spec = finetune
-        model = deploy(software_model, variants[label])
-        res = _train.train(
-            model, train_data, test_data, spec.config(), progress=progress,
-            filter_spec=trainable(model),
-        )  # fmt: skip
-        accs = ex.accuracies_over_keys(res.model, test_data, n_keys)
-        rows.append(_row(f"{name}: deploy + fine-tune {spec.epochs} ep, {label}", sw, accs))
+        label, ft = finetune
+        values = []
+        for s, m in software_models.items():
+            spec = dataclasses.replace(spec_of(variants[label], s), epochs=ft.epochs, lr=ft.lr)
+            acts = ex.hidden_activations(spec, jax.random.key(spec.seed + 10_000))
+            _, res = ex.run(spec, train_data, test_data, model=deploy(m, acts),
+                            progress=progress)  # fmt: skip
+            accs = ex.accuracies_over_keys(res.model, test_data, n_keys, seed=s)
+            values.append([100 * a for a in accs])
+        result["variants"][f"deploy + fine-tune {ft.epochs} ep, {label}"] = {
+            "changes": dict(variants[label]), "seeds": seeds, "values_pp": values,
+            "finetune_epochs": ft.epochs, "finetune_lr": ft.lr,
+        }  # fmt: skip
+    return result
+
+
+def transfer_rows(name: str, result: Mapping[str, Any]) -> list[Row]:
+    """Summary rows of `transfer_study` (experiment "<name>: deploy, <label>")."""
+    rows = []
+    for label, v in result["variants"].items():
+        what = label if label.startswith("deploy + ") else f"deploy, {label}"
+        sw = [result["software_pp"][result["seeds"].index(s)] for s in v["seeds"]]
+        rows.append(_row(f"{name}: {what}", sw, v["values_pp"]))
     return rows
 
 
@@ -441,17 +535,26 @@ def distill_rows(result: Mapping[str, Any]) -> list[Row]:
     return rows
 
 
-def _row(experiment: str, software: float, mtj: Sequence[float]) -> Row:
-    """Summary row; `mtj`: accuracies over noise keys (one entry when noise-free)."""
-    ms = ex.mean_std([100 * a for a in mtj])
-    spread = f" ± {ms['std']:.2f}" if len(mtj) > 1 else ""
+def _row(experiment: str, software: Sequence[float], mtj: Sequence[Sequence[float]]) -> Row:
+    """Summary row from accuracies (%): `software` per seed, `mtj` [seed][key] (one key when
+    noise-free). One seed: mean ± std over its keys; several: the mean over seeds of the key
+    means ± their std over seeds; the gap is paired by seed."""
+    means = [float(np.mean(v)) for v in mtj]
+    if len(means) == 1:
+        ms = ex.mean_std(mtj[0])
+        n = len(mtj[0])
+        spread = f" ± {ms['std']:.2f}" if n > 1 else ""
+        sw = f"{software[0]:.2f}"
+        gap = f"{software[0] - ms['mean']:.2f}{spread}"
+        mtj_text = f"{ms['mean']:.2f}{spread}"
+    else:
+        n = len(mtj[0])
+        sw, mtj_text = _ms(ex.mean_std(software)), _ms(ex.mean_std(means))
+        gap = _ms(ex.mean_std([a - b for a, b in zip(software, means, strict=True)]))
     return {
-        "experiment": experiment,
-        "software_pp": f"{100 * software:.2f}",
-        "mtj_pp": f"{ms['mean']:.2f}{spread}",
-        "gap_pp": f"{100 * software - ms['mean']:.2f}{spread}",
-        "noise_keys": len(mtj),
-    }
+        "experiment": experiment, "software_pp": sw, "mtj_pp": mtj_text, "gap_pp": gap,
+        "seeds": len(means), "noise_keys": n,
+    }  # fmt: skip
 
 
 def markdown_table(rows: Sequence[Row]) -> str:

@@ -66,3 +66,20 @@ def test_distill_trains_student_and_leaves_teacher_alone():
     assert res.test_accuracy > 0.7
     with pytest.raises(ValueError, match="alpha"):
         distill.DistillationLoss(teacher, alpha=1.5)
+
+
+def test_defaults_are_the_best_setting_of_the_committed_sweep():
+    import json
+    from pathlib import Path
+
+    sweep = json.loads((Path(__file__).parents[1] / "results" / "distillation.json").read_text())
+    best = sweep["best"]
+    gains = [c["gain_pp"]["mean"] for row in sweep["grid"] for c in row]
+    key = (best["temperature"], best["alpha"])
+    cell = next(c for row in sweep["grid"] for c in row if (c["temperature"], c["alpha"]) == key)
+    assert cell["gain_pp"]["mean"] == max(gains)
+    assert (distill.DEFAULT_TEMPERATURE, distill.DEFAULT_ALPHA) == (
+        best["temperature"], best["alpha"],
+    )  # fmt: skip
+    loss = distill.DistillationLoss(_Net(4, jax.random.key(0)))
+    assert (loss.temperature, loss.alpha) == (best["temperature"], best["alpha"])

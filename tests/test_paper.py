@@ -134,3 +134,21 @@ def test_distill_sweep_pairs_each_kd_run_with_the_student_alone(tmp_path):
     assert paper.distill_figure(out, tmp_path / "kd.png").stat().st_size > 1000
     with pytest.raises(ValueError, match="one hidden layer"):
         paper.distill_sweep(teacher, teacher.__class__(sizes=(8, 4, 4, 3)), data)
+
+
+def test_transfer_rows_average_over_seeds_and_pair_the_gap():
+    result = {
+        "seeds": [0, 1, 2], "software_pp": [88.0, 89.0, 90.0],
+        "variants": {
+            "noisy": {"seeds": [0, 1, 2], "values_pp": [[87.0, 88.0], [89.0, 89.0], [89.5, 90.5]]},
+            "sde": {"seeds": [0], "values_pp": [[87.0, 87.5, 88.0]]},
+        },
+    }  # fmt: skip
+    noisy, sde = paper.transfer_rows("x", result)
+    # key means 87.5, 89, 90 -> 88.83 ± 1.26 over seeds; paired gaps 0.5, 0, 0
+    assert noisy["mtj_pp"] == "88.83 ± 1.26" and noisy["software_pp"] == "89.00 ± 1.00"
+    assert noisy["gap_pp"] == "0.17 ± 0.29" and (noisy["seeds"], noisy["noise_keys"]) == (3, 2)
+    # one seed: the spread is over its noise keys, against that seed's software network
+    assert sde["mtj_pp"] == "87.50 ± 0.50" and sde["software_pp"] == "88.00"
+    assert sde["gap_pp"] == "0.50 ± 0.50" and (sde["seeds"], sde["noise_keys"]) == (1, 3)
+    assert noisy["experiment"] == "x: deploy, noisy"

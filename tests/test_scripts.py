@@ -152,6 +152,16 @@ def test_device_demo_prints_table():
         assert abs(float(mz) - float(sech)) < 1e-3
 
 
+def test_reproduce_summary_names_missing_parts(tmp_path):
+    ns = runpy.run_path(str(ROOT / "scripts" / "reproduce.py"))
+    assert ns["summarize"](tmp_path)["rows"] == []
+    assert "kd: not run yet" in (tmp_path / "paper_reproduction.md").read_text()
+    args = ns["parse_args"](["--transfer-seeds", "2", "--seeds", "4", "--only", "transfer"])
+    assert ns["_command"](args, "transfer") == (
+        "python scripts/reproduce.py --transfer-seeds 2 --only transfer"
+    )  # fmt: skip
+
+
 def test_reproduce_parses_its_only_choices(capsys):
     # --only robustness / --robustness-seeds were read by main but missing from the parser
     parse_args = runpy.run_path(str(ROOT / "scripts" / "reproduce.py"))["parse_args"]
@@ -186,7 +196,13 @@ def test_reproduce_quick_smoke(tmp_path):
     assert rob["seeds"] == [0] and rob["reset_offset"]["offset"] == [0.1]
     assert len(rob["values_pp"]["training"][0][0]) == 1  # seeds x keys per cell
     assert "imperfect reset" in (tmp_path / "robustness.md").read_text()
-    assert saved["cifar100"] == "skipped (--skip-cifar)"
+    transfer = json.loads((tmp_path / "transfer.json").read_text())
+    assert transfer["cifar100"] == "skipped (--skip-cifar)"
+    assert transfer["command"] == "python scripts/reproduce.py --quick --skip-cifar --only transfer"
+    # the summary is rebuilt from every part's JSON, each with the command that wrote it
+    assert set(saved["sources"]) == {"curves", "robustness", "transfer", "kd"}
+    assert saved["sources"]["kd"]["command"] == "python scripts/reproduce.py --quick --only kd"
+    assert "`python scripts/reproduce.py --quick --only robustness`" in table
     # finding (i) on a non-ideal device: its own table, figure and JSON
     curves = json.loads((tmp_path / "device_curves.json").read_text())
     assert curves["devices"]["hk 8e3 A/m"]["deviation"]["max_abs_p1_minus_tanh"] > 0.15
