@@ -16,11 +16,13 @@ a calibrated driver) have exactly zero loss gradient and are reported as such, n
 Variables with a non-positive lower bound (signed: h_bias, hk) use units of their bound range
 instead of ln x.
 
-Memory: the live gradient over all examples at once holds one table cotangent per example
-and per-neuron device (10k examples x 256 thermal devices needed ~160 GB); with per-neuron
-devices pass `grad_examples` (the gradient, finite differences and loss use the first
-`grad_examples` test examples; accuracies always use all). Batching the gradient with one
-table pull-back is not implemented yet.
+The gradient is taken in batches of `grad_batch` examples with one table pull-back: the
+tables are built once inside `jax.vjp`, each batch's loss gradient reaches the built tables,
+params and gain as they are (`MTJActivation.with_given_tables`), the batch gradients are
+summed, and the sum is pulled back through the build once. Memory is one table cotangent per
+example and key of a batch (the whole test set at once, 10k examples x 256 thermal devices,
+needed ~160 GB). `grad_examples` limits the loss, gradient and finite differences to the
+first test examples (accuracies always use all).
 """
 
 from __future__ import annotations
@@ -51,26 +53,63 @@ def _with_design(model, design: Design):
     )
 
 
-def _mean_loss(model, x, y, keys):
-    """Mean cross-entropy over all examples and noise keys, in one vmapped pass: a live
-    layer then rebuilds its tables once, not once per key (the rebuild's residuals for
-    per-neuron thermal devices are the gradient's largest memory)."""
-    ks = jnp.stack([jax.random.split(k, x.shape[0]) for k in keys])
+def example_keys(keys, n: int):
+    """Per-example noise keys (n_keys, n): key k of example i, the same however the examples
+    are batched."""
+    return jnp.stack([jax.random.split(k, n) for k in keys])
+
+
+def _mean_loss(model, x, y, ks):
+    """Mean cross-entropy over all examples and noise keys (`ks` from `example_keys`), in
+    one vmapped pass: a live layer then rebuilds its tables once, not once per key (the
+    rebuild's residuals for per-neuron thermal devices are the gradient's largest memory)."""
     logits = jax.vmap(lambda kk: jax.vmap(lambda xi, ki: model(xi, key=ki))(x, kk))(ks)
     return jnp.mean(jax.vmap(lambda lg: _train.cross_entropy(lg, x, y))(logits))
 
 
+def _with_layer(model, layer):
+    """`model` with its `DesignedMTJ` replaced by `layer` (any activation)."""
+    is_d = lambda x: isinstance(x, DesignedMTJ)
+    return jax.tree_util.tree_map(lambda x: layer if is_d(x) else x, model, is_leaf=is_d)
+
+
 @eqx.filter_jit
-def _loss_and_theta_grad(model, x, y, keys):
-    live = set_live(model, True)
-    theta = _only_layer(live).design.theta
+def _built_activation(layer: DesignedMTJ):
+    """The live activation of `layer` with its tables built (used as given), and the vjp of
+    that build with respect to the design's theta."""
 
-    def f(th):
-        layer = _only_layer(live)
-        return _mean_loss(_with_design(live, eqx.tree_at(lambda d: d.theta, layer.design, th)),
-                          x, y, keys)  # fmt: skip
+    def build(theta):
+        design = eqx.tree_at(lambda d: d.theta, layer.design, theta)
+        act = eqx.tree_at(lambda s: s.design, layer, design).activation().rebuild()
+        return act.with_given_tables()
 
-    return jax.value_and_grad(f)(theta)
+    return eqx.filter_vjp(build, layer.design.theta)
+
+
+@eqx.filter_jit
+def _batch_loss_and_grad(model, act, x, y, ks):
+    """Mean loss of one batch and its gradient with respect to `act`'s arrays (tables as
+    given)."""
+    return eqx.filter_value_and_grad(lambda a: _mean_loss(_with_layer(model, a), x, y, ks))(act)
+
+
+def _loss_and_theta_grad(model, x, y, ks, batch: int):
+    """Mean loss over all of x and keys and its gradient with respect to the design's theta
+    (batched, one pull-back through the table build; see the module doc)."""
+    act, vjp_fn = _built_activation(_only_layer(model))
+    n = x.shape[0]
+    loss, grad = 0.0, None
+    for i in range(0, n, batch):
+        w = min(batch, n - i) / n
+        l_b, g_b = _batch_loss_and_grad(
+            model, act, x[i : i + batch], y[i : i + batch], ks[:, i : i + batch]
+        )
+        loss = loss + w * l_b
+        grad = jax.tree.map(lambda g, w=w: w * g, g_b) if grad is None else jax.tree.map(
+            lambda acc, g, w=w: acc + w * g, grad, g_b
+        )
+    (g_theta,) = vjp_fn(grad)
+    return loss, g_theta
 
 
 _cached_loss = eqx.filter_jit(_mean_loss)
@@ -111,11 +150,13 @@ def design_sensitivity(
     seed: int = 0,
     batch_size: int = 1000,
     grad_examples: int | None = None,
+    grad_batch: int = 100,
     log=print,
 ) -> dict[str, Any]:
     """Sensitivity table of `model`'s one `DesignedMTJ` layer on `test_data` (x, y); see the
     module doc. `fd_step`, `step`: finite-difference and finite-step sizes in ln x (or in
-    bound ranges). Returns a JSON-able dict."""
+    bound ranges). `grad_batch`: examples per batch of the gradient. Returns a JSON-able
+    dict."""
     if not (isinstance(n_keys, int) and n_keys >= 1):
         raise ValueError(f"n_keys: must be an integer >= 1, got {n_keys!r}")
     for label, h in (("fd_step", fd_step), ("step", step)):
@@ -123,26 +164,31 @@ def design_sensitivity(
             raise ValueError(f"{label}: must be finite and > 0, got {h!r}")
     if grad_examples is not None and not (isinstance(grad_examples, int) and grad_examples >= 1):
         raise ValueError(f"grad_examples: must be None or an integer >= 1, got {grad_examples!r}")
+    if not (isinstance(grad_batch, int) and grad_batch >= 1):
+        raise ValueError(f"grad_batch: must be an integer >= 1, got {grad_batch!r}")
     x, y = (jnp.asarray(a)[:grad_examples] for a in test_data)
     layer = _only_layer(model)
     n_dev = layer.n_devices or 1
     table = layer.template.table
-    cot_bytes = x.shape[0] * (0 if table is None else table.coef.size) * 4 * n_keys
+    n_batch = min(grad_batch, x.shape[0])
+    cot_bytes = n_batch * (0 if table is None else table.coef.size) * 4 * n_keys
     if cot_bytes > 8 * 2**30:
         raise ValueError(
-            f"grad_examples: the live gradient over {x.shape[0]} examples x {n_dev} devices x "
+            f"grad_batch: a gradient batch of {n_batch} examples x {n_dev} devices x "
             f"{n_keys} keys needs ~{cot_bytes / 2**30:.0f} GiB of table cotangents; pass a "
-            "smaller grad_examples"
+            "smaller grad_batch"
         )
-    keys = [jax.random.key(10_000 * (seed + 1) + k) for k in range(n_keys)]
+    keys = example_keys([jax.random.key(10_000 * (seed + 1) + k) for k in range(n_keys)],
+                        x.shape[0])  # fmt: skip
     model = refresh(set_live(model, False))
     layer = _only_layer(model)
     design = layer.design
-    loss0, g_theta = _loss_and_theta_grad(model, x, y, keys)
+    loss0, g_theta = _loss_and_theta_grad(model, x, y, keys, n_batch)
     acc0 = accuracies_over_keys(model, test_data, n_keys, seed=seed, batch_size=batch_size)
     out: dict[str, Any] = {
         "test_loss": float(loss0), "test_accuracy": mean_std(acc0), "accuracies": acc0,
-        "n_keys": n_keys, "grad_examples": int(x.shape[0]), "fd_step": fd_step, "step": step,
+        "n_keys": n_keys, "grad_examples": int(x.shape[0]), "grad_batch": n_batch,
+        "fd_step": fd_step, "step": step,
         "values": design.values(), "variables": {},
     }  # fmt: skip
     for name in design.space.free:

@@ -286,6 +286,38 @@ def test_cached_step_program_has_no_rebuild(thermal_model):
         )(True)  # fmt: skip
 
 
+@pytest.mark.slow  # ~50 s (compiles the live gradient and the batched one)
+def test_batched_table_pullback_equals_the_one_shot_live_gradient(thermal_model):
+    # the sensitivity gradient sums batch gradients at the built tables and pulls the sum
+    # back through one build; it must equal jax.grad of the whole loss through live tables
+    from mtjax.sensitivity import (
+        _loss_and_theta_grad,
+        _mean_loss,
+        _only_layer,
+        _with_design,
+        example_keys,
+    )  # fmt: skip
+
+    x, y = _data(6, seed=4)
+    keys = example_keys([jax.random.key(7), jax.random.key(8)], 6)
+    model = codesign.refresh(thermal_model)
+
+    @eqx.filter_jit  # the model as an argument: as constants, XLA folds d/d diameter to NaN
+    def whole(theta, live):
+        moved = eqx.tree_at(lambda d: d.theta, _only_layer(live).design, theta)
+        return _mean_loss(_with_design(live, moved), x, y, keys)
+
+    live = codesign.set_live(model, True)
+    loss, g = jax.value_and_grad(whole)(_only_layer(live).design.theta, live)
+    loss_b, g_b = _loss_and_theta_grad(model, x, y, keys, 4)  # batches of 4 and 2
+    assert float(loss_b) == pytest.approx(float(loss), rel=1e-5)
+    for name in ("diameter", "thickness", "pulse_duration", "input_scale"):
+        assert float(jnp.abs(g[name])) > 0, name
+        np.testing.assert_allclose(g_b[name], g[name], rtol=1e-4, atol=1e-9, err_msg=name)
+    with pytest.raises(ValueError, match="train_device"):
+        model.activations[0].template.with_given_tables()
+
+
 @pytest.mark.slow  # ~1 min; the default suite keeps the near-bound sensitivity test
 def test_design_sensitivity_matches_finite_differences_and_steps_lower_the_loss(thermal_model):
     from mtjax.sensitivity import design_sensitivity

@@ -598,6 +598,7 @@ class MTJActivation(eqx.Module):
     grid: TableGrid
     chunk: int = eqx.field(static=True)
     train_device: bool = eqx.field(static=True)
+    given_tables: bool = eqx.field(static=True)
     thermal_std_limit: float | None = eqx.field(static=True)
     accepts_key = True  # `mtjax.nn.MLP` passes each layer its key
 
@@ -685,6 +686,7 @@ class MTJActivation(eqx.Module):
             raise ValueError(f"chunk: must be an integer >= 0, got {chunk!r}")
         self.chunk = int(chunk)
         self.train_device = bool(train_device)
+        self.given_tables = False
         if thermal_std_limit is not None and not thermal_std_limit > 0:
             raise ValueError(f"thermal_std_limit: must be > 0 or None, got {thermal_std_limit}")
         self.thermal_std_limit = thermal_std_limit
@@ -779,6 +781,16 @@ class MTJActivation(eqx.Module):
         new = self._copy(train_device=True)
         return eqx.tree_at(lambda a: (a.params, a.input_scale), new, (params, input_scale))
 
+    def with_given_tables(self) -> MTJActivation:
+        """Copy of a `train_device` activation whose calls use its `table` leaf as it is (no
+        rebuild), with gradients reaching it as well as params and input_scale. For pulling
+        a gradient summed over many batches back through one table build (`jax.vjp` of the
+        build; `mtjax.sensitivity`): the cotangent is only right if `table` was built from
+        these params (e.g. `rebuild()` inside the function being vjp'd)."""
+        if not self.train_device:
+            raise ValueError("with_given_tables: needs a train_device=True activation")
+        return self._copy(given_tables=True)
+
     def noise_free(self) -> MTJActivation:
         """Copy reading the noise-free response of the same devices (same tables, steps and
         reset states): no read noise, and "thermal" reads its tables' deterministic curves
@@ -828,7 +840,7 @@ class MTJActivation(eqx.Module):
             if self.read_noise > 0:
                 noise = jax.random.normal(k_noise, (2,) + z.shape, z.dtype)
         table = self.table
-        if self.train_device and self.mode in ("table", "thermal"):
+        if self.train_device and self.mode in ("table", "thermal") and not self.given_tables:
             table = self._tables()  # derived from the (differentiated) params: never stale
         dev = (self.params, self.input_scale, table, self.m0)
         if not self.train_device:
