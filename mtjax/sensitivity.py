@@ -60,9 +60,8 @@ def example_keys(keys, n: int):
 
 
 def _mean_loss(model, x, y, ks):
-    """Mean cross-entropy over all examples and noise keys (`ks` from `example_keys`), in
-    one vmapped pass: a live layer then rebuilds its tables once, not once per key (the
-    rebuild's residuals for per-neuron thermal devices are the gradient's largest memory)."""
+    """Mean cross-entropy over the examples x and noise keys (`ks` from `example_keys`), all
+    keys in one vmapped pass."""
     logits = jax.vmap(lambda kk: jax.vmap(lambda xi, ki: model(xi, key=ki))(x, kk))(ks)
     return jnp.mean(jax.vmap(lambda lg: _train.cross_entropy(lg, x, y))(logits))
 
