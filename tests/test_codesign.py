@@ -286,6 +286,27 @@ def test_cached_step_program_has_no_rebuild(thermal_model):
         )(True)  # fmt: skip
 
 
+def test_design_gradient_with_the_model_a_compile_time_constant(thermal_model):
+    # regression: closed over by jax.jit, the layer's arrays became constants and XLA's
+    # constant folding made d(thermal statistics)/d(diameter, thickness) NaN
+    from mtjax.nn.activation import _noise_nodes
+
+    layer = thermal_model.activations[0]
+
+    def stats(theta, layer):
+        d = eqx.tree_at(lambda d: d.theta, layer.design, theta)
+        act = eqx.tree_at(lambda s: s.design, layer, d).activation()
+        m0 = jnp.broadcast_to(act.m0, (6, 3))
+        return jnp.sum(_noise_nodes(act.params, act.input_scale, act.grid, act.steps, m0))
+
+    theta = layer.design.theta
+    as_argument = eqx.filter_jit(jax.grad(stats))(theta, layer)
+    closed_over = eqx.filter_jit(jax.grad(lambda th: stats(th, layer)))(theta)
+    for name in ("diameter", "thickness", "pulse_duration"):
+        assert np.isfinite(float(closed_over[name])), name
+        np.testing.assert_allclose(closed_over[name], as_argument[name], rtol=1e-3, err_msg=name)
+
+
 @pytest.mark.slow  # ~50 s (compiles the live gradient and the batched one)
 def test_batched_table_pullback_equals_the_one_shot_live_gradient(thermal_model):
     # the sensitivity gradient sums batch gradients at the built tables and pulls the sum

@@ -425,7 +425,12 @@ def _safe_sqrt(x):
 
 @eqx.filter_jit
 def _noise_nodes(params, input_scale, grid: TableGrid, steps, m0):
-    """(d1, d2, s1, s2, rho) at the nodes of `grid` plus two on each side, per device."""
+    """(d1, d2, s1, s2, rho) at the nodes of `grid` plus two on each side, per device.
+
+    The inputs pass an optimization barrier: when the device is a compile-time constant (a
+    model closed over by `jax.jit`), XLA's constant folding otherwise turned the gradient
+    of these statistics w.r.t. diameter and thickness into NaN (tested)."""
+    params, input_scale, m0 = jax.lax.optimization_barrier((params, input_scale, m0))
     zs = grid.nodes()
 
     def one_device(p, m_start):
