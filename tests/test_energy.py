@@ -281,6 +281,7 @@ def test_bad_inputs_raise_clear_errors():
         E.activation_energy(PAPER.replace(eta2=0.0), I_S)
 
 
+@pytest.mark.slow  # ~17 s; the default suite keeps the energy checks it summarizes
 def test_energy_report_script_quick(tmp_path):
     # The script behind README's numbers runs and writes consistent JSON (smoke run).
     main = runpy.run_path(str(Path(__file__).resolve().parents[1] / "scripts" / "energy_report.py"))

@@ -181,7 +181,7 @@ def test_device_is_frozen_unless_train_device(acts):
 # --- composition, per-neuron devices, errors ---------------------------------------------
 
 
-@pytest.mark.parametrize("mode", ["ode", "analytic"])
+@pytest.mark.parametrize("mode", [pytest.param("ode", marks=pytest.mark.slow), "analytic"])
 def test_per_neuron_devices_broadcast(mode):
     p = _per_neuron_params(4)
     act = MTJActivation(p, mode=mode)
