@@ -227,9 +227,12 @@ def summarize(out: Path) -> dict:
         if not path.exists():
             notes.append(f"- {part}: not run yet (`{name}` missing)")
             continue
-        result = json.loads(path.read_text())
+        try:
+            result = json.loads(path.read_text())
+            rows += ROWS[part](result)
+        except (ValueError, KeyError, TypeError, IndexError) as err:
+            raise ValueError(f"{path}: not a {part} result ({err!r}); rerun --only {part}") from err
         sources[part] = {"file": name, "command": result.get("command", "unknown")}
-        rows += ROWS[part](result)
         notes.append(f"- {part}: `{name}`, from `{sources[part]['command']}`")
         if part == "transfer" and isinstance(result.get("cifar100"), str):
             notes.append(f"  - {result['cifar100']}")

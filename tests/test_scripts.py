@@ -156,6 +156,12 @@ def test_reproduce_summary_names_missing_parts(tmp_path):
     ns = runpy.run_path(str(ROOT / "scripts" / "reproduce.py"))
     assert ns["summarize"](tmp_path)["rows"] == []
     assert "kd: not run yet" in (tmp_path / "paper_reproduction.md").read_text()
+    (tmp_path / "robustness.json").write_text('{"command": "x", "variation"')  # cut short
+    with pytest.raises(ValueError, match="robustness.json: not a robustness result"):
+        ns["summarize"](tmp_path)
+    (tmp_path / "robustness.json").write_text('{"command": "x"}')  # fields missing
+    with pytest.raises(ValueError, match="rerun --only robustness"):
+        ns["summarize"](tmp_path)
     args = ns["parse_args"](["--transfer-seeds", "2", "--seeds", "4", "--only", "transfer"])
     assert ns["_command"](args, "transfer") == (
         "python scripts/reproduce.py --transfer-seeds 2 --only transfer"
