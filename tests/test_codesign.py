@@ -142,6 +142,26 @@ def test_modes_agree_on_the_design_gradient():
                 assert abs(float(grads[mode][name]) - ref) <= 1e-2 * abs(ref) + 1e-9, (mode, name)
 
 
+@pytest.mark.slow  # ~40 s; tests/test_nn.py checks forward mode of the activation by default
+def test_forward_mode_design_gradient_equals_reverse_mode(thermal_model):
+    # the activations' derivative is a jvp rule, so jax.jacfwd works through a live design
+    model = codesign.set_live(thermal_model, True)
+    x, y = _data(4)
+
+    def loss(theta):
+        m = eqx.tree_at(lambda m: m.activations[0].design.theta, model, theta)
+        keys = jax.random.split(jax.random.key(0), x.shape[0])
+        logits = jax.vmap(lambda a, k: m(a, key=k))(x, keys)
+        return jnp.mean(EnergyLoss(0.5, 1e-12)(logits, x, y, model=m, key=jax.random.key(1)))
+
+    theta = model.activations[0].design.theta
+    rev = eqx.filter_jit(jax.grad(loss))(theta)
+    fwd = eqx.filter_jit(jax.jacfwd(loss))(theta)
+    for name in theta:
+        assert abs(float(rev[name])) > 0, name
+        np.testing.assert_allclose(fwd[name], rev[name], rtol=1e-4, err_msg=name)
+
+
 @pytest.mark.slow  # ~70 s; the stale-table test keeps the silent-zero class in the default run
 def test_joint_training_moves_the_design_and_keeps_it_physical(tmp_path):
     # regression for the silent-zero bug: a trained table-mode device must change

@@ -124,7 +124,7 @@ def test_ode_autodiff_gradients_match_finite_differences_x64():
 
 
 def test_table_param_gradients_match_finite_differences_x64():
-    # derivative="mz2": the device-parameter cotangent comes from the custom vjp's own vjp
+    # derivative="mz2": the device-parameter part of the activation's jvp rule is autodiff
     # of the forward, through the table rebuilt from params.
     with jax.enable_x64(True):
         z, w = jnp.array(Z4), jnp.array(W4)
@@ -161,6 +161,32 @@ def test_device_derivative_is_the_same_evaluations_readout(mode, derivative):
     np.testing.assert_allclose(g, expected, rtol=1e-6)
     mz_other = run(jax.random.key(8))[2][1]
     assert float(jnp.max(jnp.abs(mz_other - mz))) > 1e-3  # noise really differs per key
+
+
+def test_forward_mode_uses_the_same_device_derivative():
+    # a jvp rule: jax.jacfwd (and jvp-based tools) see the device's own derivative, equal to
+    # reverse mode, with read and thermal noise, and for device parameters (train_device)
+    p = PAPER.replace(temperature=300.0)
+    act = MTJActivation(p, mode="thermal", steps=20, z_max=2.5, read_noise=0.05)
+    z, key = jnp.array([-1.5, 0.0, 0.3, 2.0]), jax.random.key(7)
+    fwd = jax.jit(jax.jacfwd(lambda z: act(z, key=key)))(z)
+    rev = jax.jit(jax.jacrev(lambda z: act(z, key=key)))(z)
+    mz = act.read(z, key=key)[1]
+    np.testing.assert_allclose(jnp.diag(fwd), mz**2, rtol=1e-5)
+    np.testing.assert_allclose(fwd, rev, rtol=1e-5)
+    assert float(jnp.max(jnp.abs(fwd - jnp.diag(jnp.diag(fwd))))) == 0.0
+    dev = MTJActivation(PAPER, mode="analytic", read_noise=0.05, train_device=True)
+
+    def out(ms, z):
+        a = eqx.tree_at(lambda a: a.params.Ms, dev, ms)
+        return a(z, key=key).sum()
+
+    ms = dev.params.Ms
+    g_rev = jax.jit(jax.grad(out, argnums=(0, 1)))(ms, z)
+    g_fwd = jax.jit(jax.jacfwd(out, argnums=(0, 1)))(ms, z)
+    assert float(jnp.abs(g_rev[0])) > 0
+    for r, f in zip(g_rev, g_fwd, strict=True):
+        np.testing.assert_allclose(f, r, rtol=1e-4)
 
 
 @pytest.mark.parametrize("mode", ["ode", "table"])

@@ -548,38 +548,35 @@ def _response(cfg: _Config, dev, z: Array, noise, sde_key, with_p2: bool):
     return p1, p2
 
 
-@eqx.filter_custom_vjp
-def _custom_activation(vjp_arg, cfg, noise, sde_key):
-    z, dev = vjp_arg
+@eqx.filter_custom_jvp
+def _custom_activation(z, dev, *, cfg, noise, sde_key):
     return _response(cfg, dev, z, noise, sde_key, with_p2=False)[0]
 
 
-@_custom_activation.def_fwd
-def _custom_activation_fwd(perturbed, vjp_arg, cfg, noise, sde_key):
-    z, dev = vjp_arg
-    dev_perturbed = any(jax.tree_util.tree_leaves(perturbed[1]))
-    if dev_perturbed:
-        # Same evaluation for the output, the m.p2 residual and the device-parameter vjp.
+@_custom_activation.def_jvp
+def _custom_activation_jvp(primals, tangents, *, cfg, noise, sde_key):
+    """d(activation) = factor(m.p2) dz + (device part by autodiff through the physics),
+    from one evaluation. A jvp rule (linear in the tangents), so reverse mode (by JAX's
+    transposition) and forward mode (`jax.jvp`, `jax.jacfwd`) both use the device-supplied
+    derivative."""
+    z, dev = primals
+    t_z, t_dev = tangents
+    if any(t is not None for t in jax.tree_util.tree_leaves(t_dev, is_leaf=_is_none)):
+        # Same evaluation for the output, the m.p2 signal and the device-parameter tangent.
         def f(d):
             return _response(cfg, d, z, noise, sde_key, with_p2=True)
 
-        y, vjp_fn, p2 = eqx.filter_vjp(f, dev, has_aux=True)
-        return y, (p2, vjp_fn)
-    y, p2 = _response(cfg, dev, z, noise, sde_key, with_p2=True)
-    return y, (p2, None)
-
-
-@_custom_activation.def_bwd
-def _custom_activation_bwd(residuals, g, perturbed, vjp_arg, cfg, noise, sde_key):
-    p2, vjp_fn = residuals
-    factor = p2 * p2 if cfg.derivative == "mz2" else p2
-    g_z = g * factor
-    _, dev = vjp_arg
-    if vjp_fn is None:
-        g_dev = jax.tree_util.tree_map(lambda _: None, dev)
+        (y, p2), (t_y, _) = eqx.filter_jvp(f, (dev,), (t_dev,))
     else:
-        (g_dev,) = vjp_fn(g)
-    return g_z, g_dev
+        (y, p2), t_y = _response(cfg, dev, z, noise, sde_key, with_p2=True), None
+    if t_z is not None:
+        factor = p2 * p2 if cfg.derivative == "mz2" else p2
+        t_y = factor * t_z if t_y is None else t_y + factor * t_z
+    return y, t_y
+
+
+def _is_none(x):
+    return x is None
 
 
 class MTJActivation(eqx.Module):
@@ -868,7 +865,7 @@ class MTJActivation(eqx.Module):
         cfg, dev, z, noise, sde_key = self._prepare(z, key)
         if self.derivative == "autodiff":
             return _response(cfg, dev, z, noise, sde_key, with_p2=False)[0]
-        return _custom_activation((z, dev), cfg, noise, sde_key)
+        return _custom_activation(z, dev, cfg=cfg, noise=noise, sde_key=sde_key)
 
     def read(
         self, z: Float[ArrayLike, "*n"], *, key: PRNGKeyArray | None = None
