@@ -5,7 +5,11 @@ normals per neuron per example per step) that was a third of a 784-256-10 traini
 CPU (`benchmarks/activation_overhead.py`). `normals` instead hashes the counter of each draw
 with the key's words through two rounds of the murmur3 finalizer (a keyed bijection of the
 32-bit counter, so no two draws of one key share a word) and maps the top 23 bits to a
-normal by the inverse CDF, as `jax.random.normal` does. It is a function of (key, shape)
+normal by the inverse CDF, as `jax.random.normal` does. In float32 the inverse error
+function is M. Giles' single-precision approximation ("Approximating the erfinv function",
+GPU Computing Gems, 2011; one log, one square root, two degree-8 polynomials): on XLA CPU
+`jax.scipy.special.erfinv` cost 2.5x more, and the two agree to 5e-7 on every one of the
+2^23 inputs (tested); other dtypes use `jax.scipy.special.erfinv`. It is a function of (key, shape)
 only, like `jax.random`: vmapped per-example keys give the same draws on any number of
 devices. Statistical quality is tested in `tests/test_draws.py` (moments, independence of
 streams, neighbours and keys); not for cryptography.
@@ -55,6 +59,33 @@ def uniform_bits(key: PRNGKeyArray, shape: tuple[int, ...]) -> Array:
     return _fmix32(_fmix32(c ^ k0) + k1)
 
 
+# Giles (2011), single precision: erfinv(x) = x p(w), w = -log((1 - x)(1 + x)), with p a
+# polynomial in w - 2.5 (w < 5) or in sqrt(w) - 3 (tails); highest degree first.
+_ERFINV_CENTRAL = (
+    2.81022636e-08, 3.43273939e-07, -3.5233877e-06, -4.39150654e-06, 0.00021858087,
+    -0.00125372503, -0.00417768164, 0.246640727, 1.50140941,
+)  # fmt: skip
+_ERFINV_TAIL = (
+    -0.000200214257, 0.000100950558, 0.00134934322, -0.00367342844, 0.00573950773,
+    -0.0076224613, 0.00943887047, 1.00167406, 2.83297682,
+)  # fmt: skip
+
+
+def _horner(coefs, x):
+    acc = jnp.full_like(x, coefs[0])
+    for c in coefs[1:]:
+        acc = acc * x + c
+    return acc
+
+
+def erfinv32(x: Array) -> Array:
+    """Inverse error function of float32 `x` in (-1, 1) (Giles' approximation)."""
+    w = -jnp.log((1.0 - x) * (1.0 + x))
+    central = _horner(_ERFINV_CENTRAL, w - 2.5)
+    tail = _horner(_ERFINV_TAIL, jnp.sqrt(w) - 3.0)
+    return jnp.where(w < 5.0, central, tail) * x
+
+
 def normals(key: PRNGKeyArray, shape: tuple[int, ...], dtype=None) -> Array:
     """Standard-normal array of `shape` (default float dtype), a function of (key, shape).
 
@@ -63,4 +94,6 @@ def normals(key: PRNGKeyArray, shape: tuple[int, ...], dtype=None) -> Array:
     dtype = jnp.result_type(float) if dtype is None else dtype
     k = (uniform_bits(key, tuple(shape)) >> 9).astype(jnp.int32)
     v = (2 * k + (1 - 2**23)).astype(dtype) * (2.0**-23)
+    if jnp.dtype(dtype).itemsize <= 4:
+        return (math.sqrt(2.0) * erfinv32(v.astype(jnp.float32))).astype(dtype)
     return (math.sqrt(2.0) * jax.scipy.special.erfinv(v)).astype(dtype)

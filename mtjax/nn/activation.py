@@ -510,16 +510,16 @@ def _thermal_sample(table: ResponseTable, z: Array, key, with_p2: bool):
     """One correlated Gaussian draw of both read-outs from the sampling curves of a thermal
     table: (m.p1, m.p2) = mean + L e, e from `mtjax.draws.normals(key, (2, *z.shape))`
     (m.p2 None if not `with_p2`; m.p1 is the same either way)."""
-    y = hermite_eval(table.coef[..., 2:, :], table.grid, z)
+    # Optimization barriers (identities) keep XLA from fusing the draws into the table-gather
+    # loop (not vectorized on CPU) and from re-gathering the coefficients in the backward
+    # pass to recompute m.p2: the training step of a 784-256-10 MLP was ~10 % slower.
+    y = jax.lax.optimization_barrier(hermite_eval(table.coef[..., 2:, :], table.grid, z))
     m1, m2, l11, l21, l22 = jnp.moveaxis(y, -1, 0)
     e = normals(key, (2, *z.shape), z.dtype)
-    # An exact identity product, kept as a dot so that XLA computes the draws in a loop of
-    # their own: fused into the table-gather loop (not vectorized on CPU) they cost 2x more.
-    e = jnp.einsum("ij,j...->i...", jnp.eye(2, dtype=e.dtype), e, precision="highest")
     p1 = m1 + jnp.maximum(l11, 0.0) * e[0]
     if not with_p2:
         return p1, None
-    return p1, m2 + l21 * e[0] + jnp.maximum(l22, 0.0) * e[1]
+    return jax.lax.optimization_barrier((p1, m2 + l21 * e[0] + jnp.maximum(l22, 0.0) * e[1]))
 
 
 def _read(params: DeviceParams, proj: Array, polarizer: int, read_noise: float, noise):
