@@ -141,8 +141,12 @@ def curve_study_markdown(result: dict) -> str:
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for label, e in result["devices"].items():
         dev = e["deviation"]
-        cells = [label, f"{dev['max_abs_p1_minus_tanh']:.3f}",
-                 f"{dev['max_abs_p2_minus_sech']:.3f}", fmt(result["tanh_accuracy_pp"])]
+        cells = [
+            label,
+            f"{dev['max_abs_p1_minus_tanh']:.3f}",
+            f"{dev['max_abs_p2_minus_sech']:.3f}",
+            fmt(result["tanh_accuracy_pp"]),
+        ]
         cells += [fmt(e["accuracy_pp"][d]) for d in ders]
         cells += [fmt(e["curve_cost_pp"])]
         cells += [fmt(e["derivative_cost_pp"][d]) for d in ders if d != "autodiff"]
@@ -279,8 +283,12 @@ def robustness_markdown(result: dict) -> str:
     line = result.get("reset_offset")
     if line and line["offset"]:
         kinds = list(line["accuracy_pp"])
-        lines += ["**imperfect reset** (m_x(0) spread, no variation or read noise)", "",
-                  "| reset offset | " + " | ".join(kinds) + " |", "|" + "---|" * (1 + len(kinds))]
+        lines += [
+            "**imperfect reset** (m_x(0) spread, no variation or read noise)",
+            "",
+            "| reset offset | " + " | ".join(kinds) + " |",
+            "|" + "---|" * (1 + len(kinds)),
+        ]
         for i, off in enumerate(line["offset"]):
             cells = [f"{line['accuracy_pp'][k][i]:.2f} ± {line['std_over_seeds_pp'][k][i]:.2f}"
                      for k in kinds]  # fmt: skip

@@ -104,8 +104,10 @@ def _loss_and_theta_grad(model, x, y, ks, batch: int):
             model, act, x[i : i + batch], y[i : i + batch], ks[:, i : i + batch]
         )
         loss = loss + w * l_b
-        grad = jax.tree.map(lambda g, w=w: w * g, g_b) if grad is None else jax.tree.map(
-            lambda acc, g, w=w: acc + w * g, grad, g_b
+        grad = (
+            jax.tree.map(lambda g, w=w: w * g, g_b)
+            if grad is None
+            else jax.tree.map(lambda acc, g, w=w: acc + w * g, grad, g_b)
         )
     (g_theta,) = vjp_fn(grad)
     return loss, g_theta

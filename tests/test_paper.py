@@ -82,8 +82,10 @@ def test_device_curve_study_pairs_by_seed(tmp_path):
     )
     assert set(software) == {0, 1}
     e = result["devices"]["hk 8e3"]
-    tanh, auto, mz2 = (np.asarray(v) for v in (result["tanh_accuracy"],
-                                                e["accuracy"]["autodiff"], e["accuracy"]["mz2"]))
+    tanh, auto, mz2 = (
+        np.asarray(v)
+        for v in (result["tanh_accuracy"], e["accuracy"]["autodiff"], e["accuracy"]["mz2"])
+    )
     assert e["curve_cost_pp"]["mean"] == pytest.approx(100 * np.mean(tanh - auto))
     assert e["curve_cost_pp"]["std"] == pytest.approx(100 * np.std(tanh - auto, ddof=1))
     assert e["derivative_cost_pp"]["mz2"]["mean"] == pytest.approx(100 * np.mean(auto - mz2))
