@@ -33,6 +33,20 @@ def test_zero_temperature_equals_table_exactly():
         MTJActivation(PAPER, mode="thermal")(z)
 
 
+def test_a_rebuild_takes_the_response_from_the_moment_integration():
+    # rebuild() (co-design) reads the noise-free curves off the moment scan: the table's
+    # curves to float round-off, and the scan carries pulse_response's run-time step guard
+    from mtjax.nn.activation import _moment_nodes
+
+    act = MTJActivation(PAPER.replace(temperature=300.0), mode="thermal", z_max=2.5)
+    table = MTJActivation(PAPER, mode="table", z_max=2.5, grid=act.grid, steps=act.steps)
+    np.testing.assert_allclose(act.rebuild().table.coef[..., :2, :], table.table.coef, atol=2e-6)
+    np.testing.assert_allclose(act.rebuild().table.coef, act.table.coef, atol=2e-6)
+    m0 = jnp.asarray(act.m0)
+    with pytest.raises(Exception, match="too coarse"):
+        jax.block_until_ready(_moment_nodes(act.params, act.input_scale, act.grid, 1, m0))
+
+
 def test_small_noise_closed_form_of_the_ideal_device():
     # first order in D: var m_x = 2 D tau sech^4 u [1/2 + sinh(2u)/(4u)] / (1 + alpha^2)
     with jax.enable_x64(True):

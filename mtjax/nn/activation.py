@@ -34,7 +34,9 @@ Modes (same API, different fidelity and speed):
   and correlation of both read-outs after one pulse at the device's temperature
   (linear-noise moment approximation, `mtjax.moments`; `build_noise_table`) are tabulated on
   the same grid, and each evaluation draws one correlated Gaussian sample per neuron from
-  `key`. Equals "table" exactly at T = 0; valid while the thermal spread is small (README).
+  `key`. Equals "table" exactly at T = 0 (a `rebuild()`, e.g. in co-design, takes the
+  noise-free curves from the same moment integration: equal to float round-off); valid
+  while the thermal spread is small (README).
 - "analytic": closed form m.p1 = tanh(u), m.p2 = sech(u) cos(psi) with the per-device
   (u, psi) of `mtjax.pulse_angles` (per-device gain u/z = input_scale / I_s(device) and
   precession psi/u; no offset: the closed form assumes zero effective field).
@@ -423,9 +425,15 @@ def _safe_sqrt(x):
     return jnp.where(pos, jnp.sqrt(jnp.where(pos, x, 1.0)), 0.0)
 
 
-@eqx.filter_jit
 def _noise_nodes(params, input_scale, grid: TableGrid, steps, m0):
-    """(d1, d2, s1, s2, rho) at the nodes of `grid` plus two on each side, per device.
+    """(d1, d2, s1, s2, rho) at the nodes of `grid` plus two on each side, per device."""
+    return _moment_nodes(params, input_scale, grid, steps, m0)[..., 2:]
+
+
+@eqx.filter_jit
+def _moment_nodes(params, input_scale, grid: TableGrid, steps, m0):
+    """(m.p1, m.p2 of the noise-free pulse, d1, d2, s1, s2, rho) at the nodes of `grid` plus
+    two on each side, per device: one moment integration gives the response and its noise.
 
     The inputs pass an optimization barrier: when the device is a compile-time constant (a
     model closed over by `jax.jit`), XLA's constant folding otherwise turned the gradient
@@ -446,11 +454,18 @@ def _noise_nodes(params, input_scale, grid: TableGrid, steps, m0):
             den = s1 * s2
             rho = jnp.where(den > 0, cov[0, 1] / jnp.where(den > 0, den, 1.0), 0.0)
             d1, d2 = pol @ delta
-            return jnp.stack([d1, d2, s1, s2, rho])
+            return jnp.stack([pm[0], pm[1], d1, d2, s1, s2, rho])
 
-        return jax.vmap(one_node)(zs)
+        # the run-time step guard of `pulse_response`, at the largest drive of the grid
+        c_max = torque_coefficients(p, jnp.stack([zs[-1] * input_scale, jnp.zeros_like(t1n)]))
+        coarse = too_coarse(rotation_rate_bound(c_max) * p.pulse_duration, steps, "rk4_scan")
+        return jax.vmap(one_node)(zs), coarse
 
-    return over_devices(one_device, params, m0)
+    out, coarse = over_devices(one_device, params, m0)
+    return eqx.error_if(
+        out, jnp.any(coarse), f"thermal tables: steps={steps} too coarse for these devices at "
+        "the driver's maximum current (rotation bound per step above the error guard)",
+    )  # fmt: skip
 
 
 class _Config(eqx.Module):
@@ -731,23 +746,34 @@ class MTJActivation(eqx.Module):
         return self.z_max * self.input_scale
 
     def _tables(self, table: ResponseTable | None = None) -> ResponseTable:
+        """Response tables of the current params; `table`: the deterministic one, if built.
+        A thermal rebuild takes its noise-free curves from the moment integration (the
+        same RK4 steps; equal to a "table" build to float round-off, and a third cheaper
+        to differentiate than two integrations of the pulse)."""
+        if self.mode != "thermal":
+            if table is None:
+                table = build_table(
+                    self.params, self.input_scale, solver=self.solver, steps=self.steps,
+                    grid=self.grid, m0=self.m0,
+                )  # fmt: skip
+            return table
+        input_scale = jnp.asarray(self.input_scale, dtype=jnp.result_type(float))
+        m0 = jnp.broadcast_to(
+            jnp.asarray(M_UP if self.m0 is None else self.m0), (*self.params.batch_shape, 3)
+        )
+        nodes = _moment_nodes(self.params, input_scale, self.grid, self.steps, m0)
+        stats = nodes[..., 2:]
         if table is None:
-            table = build_table(
-                self.params, self.input_scale, solver=self.solver, steps=self.steps,
-                grid=self.grid, m0=self.m0,
-            )  # fmt: skip
-        if self.mode == "thermal":
-            input_scale = jnp.asarray(self.input_scale, dtype=jnp.result_type(float))
-            m0 = jnp.broadcast_to(
-                jnp.asarray(M_UP if self.m0 is None else self.m0), (*self.params.batch_shape, 3)
+            det = nodes[..., :2]
+            table = _checked_resolution(
+                ResponseTable(hermite_coefficients_over(det), self.grid),
+                jnp.max(jnp.abs(fourth_difference(jnp.moveaxis(det, -2, 0)))),
             )
-            stats = _noise_nodes(self.params, input_scale, self.grid, self.steps, m0)
-            stats = self._checked_spread(stats)
-            noise = hermite_coefficients_over(sampling_curves(stats))
-            means = table.coef + noise[..., :2, :]  # exact at T = 0 (zero shifts)
-            coef = jnp.concatenate([table.coef, means, noise[..., 2:, :]], axis=-2)
-            table = ResponseTable(coef, table.grid)
-        return table
+        stats = self._checked_spread(stats)
+        noise = hermite_coefficients_over(sampling_curves(stats))
+        means = table.coef + noise[..., :2, :]  # exact at T = 0 (zero shifts)
+        coef = jnp.concatenate([table.coef, means, noise[..., 2:, :]], axis=-2)
+        return ResponseTable(coef, table.grid)
 
     def _checked_spread(self, stats: Array) -> Array:
         """`stats` (d1, d2, s1, s2, rho at the nodes), refused where a std exceeds
