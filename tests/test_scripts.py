@@ -179,6 +179,23 @@ def test_reproduce_parses_its_only_choices(capsys):
     assert "--robustness-seeds" in capsys.readouterr().err
 
 
+def test_reproduce_quick_transfer_deploys_on_thermal_neurons(tmp_path):
+    # finding (iii) alone (the full smoke run below is slow): the 300 K row deploys on thermal
+    # neurons, with read noise off, as mean ± std over 5 noise keys with a non-zero spread
+    main = runpy.run_path(str(ROOT / "scripts" / "reproduce.py"))["main"]
+    report = main(["--quick", "--skip-cifar", "--no-progress", "--only", "transfer",
+                   "--out", str(tmp_path)])  # fmt: skip
+    rows = {r["experiment"]: r for r in report["rows"]}
+    row = rows["(iii) FMNIST MLP: deploy, thermal, 300 K"]
+    assert row["noise_keys"] == 5 and " ± " in row["mtj_pp"], row
+    assert float(row["mtj_pp"].split(" ± ")[1]) > 0, row  # thermal noise is active
+    assert rows["(iii) FMNIST MLP: deploy, table, ideal device"]["noise_keys"] == 1
+    assert set(json.loads((tmp_path / "paper_reproduction.json").read_text())["sources"]) == {
+        "transfer"
+    }
+
+
+@pytest.mark.slow
 def test_reproduce_quick_smoke(tmp_path):
     main = runpy.run_path(str(ROOT / "scripts" / "reproduce.py"))["main"]
     report = main(["--quick", "--skip-cifar", "--no-progress", "--out", str(tmp_path)])
