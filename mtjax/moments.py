@@ -109,6 +109,9 @@ def moments_scan(c: TorqueCoefficients, m0, t1n, n_steps: int):
     stage_b = jnp.array([1.0, 2.0, 2.0, 1.0], m0.dtype) / 6
 
     def step(state, _):
+        # rematerialized in the reverse pass: stacking the right-hand side's many intermediates
+        # per stage costs more than recomputing them (a live co-design step ~25 % faster on CPU)
+        @jax.checkpoint
         def stage(carry, ab):
             acc, k_prev = carry
             a, b = ab
