@@ -17,11 +17,13 @@
 - `EnergyLoss`: cross-entropy + weight x (energy per inference / reference energy).
 
 Static solver settings (pulse steps, table grid) are chosen once for the whole design box.
-The pulse steps bound the rotation anywhere in the box. The table grid is refined until the
-designs at the box's corners pass the tables' resolution test (strong fields with long
-pulses oscillate in z: hk = 2e4 A/m at tau = 2.9 ns needs ~2049 nodes), and every live
-rebuild repeats the test, so a design that leaves the resolved range raises at run time
-instead of training on a wrong table.
+The pulse steps bound the rotation anywhere in the box; rebuilds use fewer (1.25x what the
+starting design needs) while the step rule allows them for the current design (checked by
+`set_live` and `refresh`, outside jit; every rebuild is guarded at run time). The table
+grid is refined until the designs at the box's corners pass the tables' resolution test
+(strong fields with long pulses oscillate in z: hk = 2e4 A/m at tau = 2.9 ns needs ~2049
+nodes), and every live rebuild repeats the test, so a design that leaves the resolved range
+raises at run time instead of training on a wrong table.
 """
 
 from __future__ import annotations
@@ -41,19 +43,26 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
 from mtjax.analytic import current_scale
 from mtjax.constants import GAMMA0
 from mtjax.energy import EnergyTable, ResetModel, energy_table
-from mtjax.integrators import steps_for
+from mtjax.integrators import required_steps, steps_for
 from mtjax.nn.activation import (
+    DEFAULT_ODE_STEPS,
     DEFAULT_Z_MAX,
     THERMAL_STD_LIMIT,
     MTJActivation,
     TableGrid,
+    pulse_steps,
     resolved_table,
+    rotation_per_pulse,
 )
 from mtjax.nn.cnn import HeadedClassifier
 from mtjax.nn.models import MLP, apply_activation
 from mtjax.params import DeviceParams
 from mtjax.train import cross_entropy
 from mtjax.variation import Deviations
+
+#: Table rebuilds of a `DesignedMTJ` use this many times the RK4 steps its starting design
+#: needs while the step rule allows it (`MTJActivation.with_fast_steps`), else the box's.
+FAST_STEPS_MARGIN = 1.25
 
 
 @dataclasses.dataclass(frozen=True)
@@ -345,10 +354,15 @@ class DesignedMTJ(eqx.Module):
     # A Python bool leaf, static under eqx.filter_jit (a compiled step each for live and
     # cached; a cached one never runs a rebuild), same pytree structure either way.
     live: bool
+    # RK4 steps of the table rebuilds (a Python int leaf like `live`): `fast_steps` while the
+    # step rule allows them for the current design, else the box's (`template.steps`);
+    # chosen by `set_live` and `refresh` outside jit. Rebuilds stay guarded at run time.
+    rebuild_steps: int
     reset: ResetModel
     v_read: float = eqx.field(static=True)
     t_read: float = eqx.field(static=True)
     energy_steps: int = eqx.field(static=True)
+    fast_steps: int | None = eqx.field(static=True)
     inert: tuple[str, ...] = eqx.field(static=True)  # response-inert free variables
     accepts_key = True
 
@@ -389,12 +403,21 @@ class DesignedMTJ(eqx.Module):
             input_scale=scale, z_max=z_max, steps=steps, grid=grid,
             thermal_std_limit=thermal_std_limit,
         )  # fmt: skip
+        self.fast_steps = None
+        if mode in ("table", "thermal"):
+            # rebuilds at the steps the starting design needs (with a margin for the design
+            # to move) while the step rule allows them, else at the box's
+            local = pulse_steps(devices, grid.reach * scale, "rk4_scan", None, DEFAULT_ODE_STEPS)
+            fast = math.ceil(FAST_STEPS_MARGIN * local)
+            self.fast_steps = fast if fast < steps else None
+        self.rebuild_steps = steps
         self.energy_steps = max(64, steps)
         self.energy_cache = self._energy(devices, scale)
         self.live = False
         self.inert = ()
         inert = self.response_inert()
         self.inert = inert  # the response path gives them exactly zero gradient
+        self.rebuild_steps = _chosen_rebuild_steps(self)
         if inert and not energy:
             raise ValueError(
                 f"free design variables {inert} do not change the response of these neurons "
@@ -446,7 +469,7 @@ class DesignedMTJ(eqx.Module):
             }
             design = eqx.tree_at(lambda d: d.theta, design, theta)
         devices, scale = self._devices_and_scale(design, self.deviations)
-        return self.template.with_devices(devices, scale)
+        return self.template.with_devices(devices, scale).with_fast_steps(self.rebuild_steps)
 
     def refreshed(self) -> DesignedMTJ:
         """Copy whose caches (tables, energy) match the current design, and not live."""
@@ -454,7 +477,8 @@ class DesignedMTJ(eqx.Module):
             self._devices_and_scale(self.design, self.deviations)
         )
         act = eqx.tree_at(lambda a: (a.params, a.input_scale), self.template, (devices, scale))
-        act = act.rebuild()  # a frozen (train_device=False) copy: the cache
+        # a frozen (train_device=False) copy: the cache, built at the rebuild steps
+        act = act.with_fast_steps(self.rebuild_steps).rebuild().with_fast_steps(None)
         energy = jax.lax.stop_gradient(self._energy(devices, scale))
         new = eqx.tree_at(lambda s: (s.template, s.energy_cache), self, (act, energy))
         return _with_live(new, False)
@@ -529,14 +553,39 @@ def _with_live(layer: DesignedMTJ, live: bool) -> DesignedMTJ:
     return eqx.tree_at(lambda s: s.live, layer, bool(live))
 
 
+@eqx.filter_jit
+def _needed_steps(layer: DesignedMTJ) -> Array:
+    devices, scale = DesignedMTJ._devices_and_scale(layer.design, layer.deviations)
+    theta = rotation_per_pulse(devices, layer.template.grid.reach * scale)
+    return required_steps(theta, "rk4_scan")
+
+
+def _chosen_rebuild_steps(layer: DesignedMTJ) -> int:
+    """`layer.fast_steps` if the step rule allows them for the current design (concrete),
+    else the box's steps (a traced design included)."""
+    if layer.fast_steps is None:
+        return layer.template.steps
+    need = _needed_steps(layer)
+    if isinstance(need, jax.core.Tracer) or not float(need) <= layer.fast_steps:
+        return layer.template.steps
+    return layer.fast_steps
+
+
+def _with_chosen_steps(layer: DesignedMTJ) -> DesignedMTJ:
+    return eqx.tree_at(lambda s: s.rebuild_steps, layer, _chosen_rebuild_steps(layer))
+
+
 def set_live(model: PyTree, live: bool) -> PyTree:
     """`model` with every `DesignedMTJ` live (exact design gradient) or cached. The flag is
     a Python bool, static under `eqx.filter_jit`: a compiled step exists for each, and a
     cached step never runs a rebuild (inside a `lax.cond` it did: the live branch's
-    residuals were materialized, ~1000x the cached step for 256 devices)."""
-    return jax.tree_util.tree_map(
-        lambda x: _with_live(x, live) if _is_designed(x) else x, model, is_leaf=_is_designed
-    )
+    residuals were materialized, ~1000x the cached step for 256 devices). Also picks the
+    rebuild steps for the current design (`DesignedMTJ.rebuild_steps`)."""
+
+    def update(x):
+        return _with_live(_with_chosen_steps(x), live) if _is_designed(x) else x
+
+    return jax.tree_util.tree_map(update, model, is_leaf=_is_designed)
 
 
 @eqx.filter_jit
@@ -547,8 +596,14 @@ def _refresh_all(model):
 
 
 def refresh(model: PyTree) -> PyTree:
-    """`model` with every `DesignedMTJ` cache rebuilt for its current design (not live)."""
-    return _refresh_all(model) if designed_layers(model) else model
+    """`model` with every `DesignedMTJ` cache rebuilt for its current design (not live), at
+    the rebuild steps that design allows."""
+    if not designed_layers(model):
+        return model
+    chosen = jax.tree_util.tree_map(
+        lambda x: _with_chosen_steps(x) if _is_designed(x) else x, model, is_leaf=_is_designed
+    )
+    return _refresh_all(chosen)
 
 
 class DesignSchedule(eqx.Module):

@@ -327,6 +327,47 @@ def test_design_gradient_with_the_model_a_compile_time_constant(thermal_model):
         np.testing.assert_allclose(closed_over[name], as_argument[name], rtol=1e-3, err_msg=name)
 
 
+def test_rebuilds_use_fewer_steps_while_the_design_allows_them(thermal_model):
+    # the box's step count covers every design; set_live / refresh pick the fast steps
+    # (1.25x what the starting design needs) while the step rule allows them for the current
+    # design, else the box's; rebuilds stay guarded at run time
+    from mtjax.integrators import required_steps
+    from mtjax.nn.activation import rotation_per_pulse
+
+    layer = thermal_model.activations[0]
+    box, fast = layer.template.steps, layer.fast_steps
+    assert fast is not None and fast < box and layer.rebuild_steps == fast
+
+    def need(lay):
+        a = lay.activation()
+        return float(required_steps(rotation_per_pulse(a.params, a.grid.reach * a.input_scale),
+                                    "rk4_scan"))  # fmt: skip
+
+    steep = eqx.tree_at(lambda s: s.design, layer, layer.design.with_values({"input_scale": 1.9}))
+    assert need(layer) <= fast < need(steep) <= box
+    live = eqx.filter_jit(lambda lay: lay.activation()._tables().coef)
+    at = eqx.filter_jit(lambda lay, n: lay.activation()._tables_at(n).coef)
+    for lay, n, other in ((layer, fast, box), (steep, box, fast)):
+        chosen = codesign.set_live(lay, True)
+        assert chosen.rebuild_steps == n and codesign.refresh(lay).rebuild_steps == n
+        got, off = live(chosen), at(lay, other)
+        np.testing.assert_array_equal(got, at(lay, n))
+        assert float(jnp.max(jnp.abs(got - off))) > 1e-5
+    np.testing.assert_array_equal(codesign.refresh(layer).template.table.coef, live(layer))
+    # a traced design cannot be checked: the box's steps
+    traced = eqx.filter_jit(lambda lay: codesign._chosen_rebuild_steps(lay))(layer)
+    assert traced == box
+    # too few steps for the design raise inside jit instead of building a wrong table
+    coarse = eqx.tree_at(lambda s: s.rebuild_steps, layer, 2)
+    with pytest.raises(Exception, match="too coarse"):
+        jax.block_until_ready(live(coarse))
+    with pytest.raises(ValueError, match="fast_steps"):
+        layer.template.with_fast_steps(0)
+    with pytest.raises(ValueError, match="with_fast_steps"):
+        MTJActivation(PAPER, mode="ode").with_fast_steps(5)
+    assert layer.template.with_fast_steps(box).fast_steps is None
+
+
 @pytest.mark.slow  # ~50 s (compiles the live gradient and the batched one)
 def test_batched_table_pullback_equals_the_one_shot_live_gradient(thermal_model):
     # the sensitivity gradient sums batch gradients at the built tables and pulls the sum

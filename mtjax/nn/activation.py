@@ -262,6 +262,17 @@ def _check_mode_args(mode, derivative, solver, steps, n_grid, z_max, read_noise)
         raise ValueError(f"read_noise: must be finite and >= 0, got {read_noise!r}")
 
 
+def rotation_per_pulse(params: DeviceParams, max_current) -> Float[Array, ""]:
+    """Largest rotation bound (rad per pulse) over the devices of `params` for pulses of
+    |I| <= `max_current` (A): what the step rule (`mtjax.integrators.required_steps`) reads."""
+
+    def theta(p):
+        c = torque_coefficients(p, jnp.stack([max_current, jnp.zeros_like(max_current)]))
+        return rotation_rate_bound(c) * p.pulse_duration
+
+    return jnp.max(over_devices(theta, params))
+
+
 def pulse_steps(
     params: DeviceParams, max_current, solver: str, steps: int | None, floor: int
 ) -> int:
@@ -272,12 +283,7 @@ def pulse_steps(
     run time by `pulse_response`."""
     if solver == "tsit5":
         return floor if steps is None else int(steps)
-
-    def theta(p):
-        c = torque_coefficients(p, jnp.stack([max_current, jnp.zeros_like(max_current)]))
-        return rotation_rate_bound(c) * p.pulse_duration
-
-    th = jnp.max(over_devices(theta, params))
+    th = rotation_per_pulse(params, max_current)
     if isinstance(th, jax.core.Tracer):
         return floor if steps is None else int(steps)
     if steps is None:
@@ -608,6 +614,7 @@ class MTJActivation(eqx.Module):
     read_noise: float = eqx.field(static=True)
     solver: str = eqx.field(static=True)
     steps: int = eqx.field(static=True)
+    fast_steps: int | None = eqx.field(static=True)  # see `with_fast_steps`
     grid: TableGrid
     chunk: int = eqx.field(static=True)
     train_device: bool = eqx.field(static=True)
@@ -694,6 +701,7 @@ class MTJActivation(eqx.Module):
         self.read_noise = read_noise
         self.solver = solver
         self.steps = int(steps)
+        self.fast_steps = None
         self.grid = grid
         if int(chunk) != chunk or chunk < 0:
             raise ValueError(f"chunk: must be an integer >= 0, got {chunk!r}")
@@ -745,11 +753,16 @@ class MTJActivation(eqx.Module):
         """Response tables of the current params; `table`: the deterministic one, if built.
         A thermal rebuild takes its noise-free curves from the moment integration (the
         same RK4 steps; equal to a "table" build to float round-off, and a third cheaper
-        to differentiate than two integrations of the pulse)."""
+        to differentiate than two integrations of the pulse). Built with `fast_steps` RK4
+        steps if set (`with_fast_steps`), else `steps`."""
+        return self._tables_at(self.steps if self.fast_steps is None else self.fast_steps, table)
+
+    def _tables_at(self, steps: int, table: ResponseTable | None = None) -> ResponseTable:
+        """`_tables` with `steps` RK4 steps per pulse."""
         if self.mode != "thermal":
             if table is None:
                 table = build_table(
-                    self.params, self.input_scale, solver=self.solver, steps=self.steps,
+                    self.params, self.input_scale, solver=self.solver, steps=steps,
                     grid=self.grid, m0=self.m0,
                 )  # fmt: skip
             return table
@@ -757,7 +770,7 @@ class MTJActivation(eqx.Module):
         m0 = jnp.broadcast_to(
             jnp.asarray(M_UP if self.m0 is None else self.m0), (*self.params.batch_shape, 3)
         )
-        nodes = _moment_nodes(self.params, input_scale, self.grid, self.steps, m0)
+        nodes = _moment_nodes(self.params, input_scale, self.grid, steps, m0)
         stats = nodes[..., 2:]
         if table is None:
             det = nodes[..., :2]
@@ -804,6 +817,19 @@ class MTJActivation(eqx.Module):
         steps, grid, ...) are kept. Used by `mtjax.codesign` inside a loss."""
         new = self._copy(train_device=True)
         return eqx.tree_at(lambda a: (a.params, a.input_scale), new, (params, input_scale))
+
+    def with_fast_steps(self, fast_steps: int | None) -> MTJActivation:
+        """Copy whose table rebuilds use `fast_steps` RK4 steps per pulse instead of `steps`
+        (None, or a count >= `steps`: `steps`). Used by `mtjax.codesign`, where `steps`
+        covers a whole design box and the current design usually needs fewer. Rebuilds stay
+        guarded: params that need more steps raise at run time."""
+        if fast_steps is None or fast_steps >= self.steps:
+            return self._copy(fast_steps=None)
+        if self.mode not in ("table", "thermal") or self.solver != "rk4_scan":
+            raise ValueError("with_fast_steps: needs mode 'table' or 'thermal' with rk4_scan")
+        if isinstance(fast_steps, bool) or int(fast_steps) != fast_steps or fast_steps < 1:
+            raise ValueError(f"fast_steps: must be a positive integer, got {fast_steps!r}")
+        return self._copy(fast_steps=int(fast_steps))
 
     def with_given_tables(self) -> MTJActivation:
         """Copy of a `train_device` activation whose calls use its `table` leaf as it is (no
