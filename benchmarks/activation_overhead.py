@@ -13,10 +13,12 @@ moment tables. The one-off cost of building the tables for 256 per-neuron device
 (deterministic and thermal) is timed apart and reported in steps.
 "joint_*": one joint weights + design step of `mtjax.codesign` (`DesignedMTJ`, thermal, 300 K,
 `joint_optimizer`, energy in the design): "live" rebuilds the response tables inside the
-loss (exact design gradient), "cached" uses the tables of the last refresh; shared device and
-256 per-neuron devices (5 % relative deviations). With `DesignSchedule(every=K)` one step in
-K is live: "amortized" gives (live + (K - 1) cached) / K from the measured medians (the
-refresh after a live step, a forward rebuild, is timed apart and added).
+loss (exact design gradient; "live_box_steps": with the design box's worst-case RK4 steps
+instead of the fewer the current design needs), "cached" uses the tables of the last
+refresh; shared device and 256 per-neuron devices (5 % relative deviations). With
+`DesignSchedule(every=K)` one step in K is live: "amortized" gives (live + (K - 1) cached) / K
+from the measured medians (the refresh after a live step, a forward rebuild, is timed apart
+and added).
 Goals on CPU: "table" <= 1.2x tanh, "thermal" <= 1.5x, "ode" <= 20x, joint live <= 3x.
 
 Usage: python benchmarks/activation_overhead.py [--repeats N] [--quick] [--out FILE]
@@ -105,6 +107,17 @@ def _designed(base, deviations, live: bool):
     return codesign.set_live(deploy(base, layer), live)
 
 
+def _box_steps(model):
+    """`model` whose `DesignedMTJ` rebuilds always use the design box's steps (the comparison
+    for `MTJActivation.with_fast_steps`)."""
+
+    def box(layer):
+        return eqx.tree_at(lambda s: s.rebuild_steps, layer, layer.template.steps)
+
+    is_designed = lambda x: isinstance(x, codesign.DesignedMTJ)  # noqa: E731
+    return jax.tree.map(lambda x: box(x) if is_designed(x) else x, model, is_leaf=is_designed)
+
+
 def _time_refresh(model, repeats: int) -> float:
     """Median ms of `codesign.refresh` (compiled), what DesignSchedule runs after a live step."""
     jax.block_until_ready(codesign.refresh(model))
@@ -166,8 +179,14 @@ def main(argv=None):
     joint = codesign.joint_optimizer(1e-3)
     devs = sample_deviations(kp, SIZES[1], Spreads.relative(0.05))
     text = "DesignedMTJ thermal 300 K, default free variables, joint_optimizer"
+    live = _designed(base, None, True)
+    lay = codesign.designed_layers(live)[0]
+    steps = f"rebuilds with {lay.rebuild_steps} RK4 steps (box: {lay.template.steps})"
     models = {
-        "joint_live": (_designed(base, None, True), text + ", live", args.repeats),
+        "joint_live": (live, f"{text}, live, {steps}", args.repeats),
+        "joint_live_box_steps": (
+            _box_steps(live), f"{text}, live, rebuilds with the box's steps", args.repeats
+        ),
         "joint_cached": (_designed(base, None, False), text + ", cached", args.repeats),
         "joint_cached_per_neuron": (
             _designed(base, devs, False), text + ", cached, 256 devices", args.repeats
