@@ -43,7 +43,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
 from mtjax.analytic import current_scale
 from mtjax.constants import GAMMA0
 from mtjax.energy import EnergyTable, ResetModel, energy_table
-from mtjax.integrators import required_steps, steps_for
+from mtjax.integrators import steps_for
 from mtjax.nn.activation import (
     DEFAULT_ODE_STEPS,
     DEFAULT_Z_MAX,
@@ -52,7 +52,6 @@ from mtjax.nn.activation import (
     TableGrid,
     pulse_steps,
     resolved_table,
-    rotation_per_pulse,
 )
 from mtjax.nn.cnn import HeadedClassifier
 from mtjax.nn.models import MLP, apply_activation
@@ -410,14 +409,14 @@ class DesignedMTJ(eqx.Module):
             local = pulse_steps(devices, grid.reach * scale, "rk4_scan", None, DEFAULT_ODE_STEPS)
             fast = math.ceil(FAST_STEPS_MARGIN * local)
             self.fast_steps = fast if fast < steps else None
-        self.rebuild_steps = steps
+        # the starting design needs `local` <= fast_steps steps: the choice of `set_live`
+        self.rebuild_steps = steps if self.fast_steps is None else self.fast_steps
         self.energy_steps = max(64, steps)
         self.energy_cache = self._energy(devices, scale)
         self.live = False
         self.inert = ()
         inert = self.response_inert()
         self.inert = inert  # the response path gives them exactly zero gradient
-        self.rebuild_steps = _chosen_rebuild_steps(self)
         if inert and not energy:
             raise ValueError(
                 f"free design variables {inert} do not change the response of these neurons "
@@ -555,9 +554,7 @@ def _with_live(layer: DesignedMTJ, live: bool) -> DesignedMTJ:
 
 @eqx.filter_jit
 def _needed_steps(layer: DesignedMTJ) -> Array:
-    devices, scale = DesignedMTJ._devices_and_scale(layer.design, layer.deviations)
-    theta = rotation_per_pulse(devices, layer.template.grid.reach * scale)
-    return required_steps(theta, "rk4_scan")
+    return layer.activation().needed_steps()
 
 
 def _chosen_rebuild_steps(layer: DesignedMTJ) -> int:

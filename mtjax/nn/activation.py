@@ -69,7 +69,7 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 from mtjax.analytic import closed_form_violations, current_scale, pulse_angles
 from mtjax.constants import TIME_UNIT
 from mtjax.draws import normals
-from mtjax.integrators import steps_for, too_coarse
+from mtjax.integrators import required_steps, steps_for, too_coarse
 from mtjax.moments import moments_scan
 from mtjax.params import DeviceParams, over_devices
 from mtjax.physics import (
@@ -817,6 +817,12 @@ class MTJActivation(eqx.Module):
         steps, grid, ...) are kept. Used by `mtjax.codesign` inside a loss."""
         new = self._copy(train_device=True)
         return eqx.tree_at(lambda a: (a.params, a.input_scale), new, (params, input_scale))
+
+    def needed_steps(self) -> Float[Array, ""]:
+        """Steps the step rule asks for these devices over the driver's reach (float, not
+        rounded; `mtjax.integrators.required_steps`)."""
+        theta = rotation_per_pulse(self.params, self.grid.reach * self.input_scale)
+        return required_steps(theta, self.solver)
 
     def with_fast_steps(self, fast_steps: int | None) -> MTJActivation:
         """Copy whose table rebuilds use `fast_steps` RK4 steps per pulse instead of `steps`
