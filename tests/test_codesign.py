@@ -361,6 +361,14 @@ def test_rebuilds_use_fewer_steps_while_the_design_allows_them(thermal_model):
     coarse = eqx.tree_at(lambda s: s.rebuild_steps, layer, 2)
     with pytest.raises(Exception, match="too coarse"):
         jax.block_until_ready(live(coarse))
+    # a design that moved past the fast steps without set_live/refresh (e.g. a manual loop)
+    # raises rather than rebuilding less accurately than the step rule asks
+    stale = eqx.tree_at(lambda s: s.design, layer, steep.design)
+    assert stale.rebuild_steps == fast
+    with pytest.raises(Exception, match="set_live"):
+        jax.block_until_ready(live(stale))
+    with pytest.raises(ValueError, match="set_live"):
+        jax.lax.stop_gradient(stale.activation())._tables()
     with pytest.raises(ValueError, match="fast_steps"):
         layer.template.with_fast_steps(0)
     with pytest.raises(ValueError, match="with_fast_steps"):

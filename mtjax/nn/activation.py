@@ -754,8 +754,22 @@ class MTJActivation(eqx.Module):
         A thermal rebuild takes its noise-free curves from the moment integration (the
         same RK4 steps; equal to a "table" build to float round-off, and a third cheaper
         to differentiate than two integrations of the pulse). Built with `fast_steps` RK4
-        steps if set (`with_fast_steps`), else `steps`."""
-        return self._tables_at(self.steps if self.fast_steps is None else self.fast_steps, table)
+        steps if set (`with_fast_steps`; params that need more by the step rule raise), else
+        `steps`."""
+        if self.fast_steps is None or table is not None:
+            return self._tables_at(self.steps, table)
+        need = self.needed_steps()
+        msg = (
+            f"with_fast_steps: {self.fast_steps} RK4 steps are too coarse for these devices by "
+            "the step rule (their design moved); rebuild with more (mtjax.codesign: set_live "
+            "or refresh choose the steps again)"
+        )
+        if not isinstance(need, jax.core.Tracer) and float(need) > self.fast_steps:
+            raise ValueError(f"{msg}: {float(need):.1f} needed")
+        out = self._tables_at(self.fast_steps)
+        if isinstance(need, jax.core.Tracer):
+            out = eqx.error_if(out, need > self.fast_steps, msg)
+        return out
 
     def _tables_at(self, steps: int, table: ResponseTable | None = None) -> ResponseTable:
         """`_tables` with `steps` RK4 steps per pulse."""
