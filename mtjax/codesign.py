@@ -19,7 +19,7 @@
 Static solver settings (pulse steps, table grid) are chosen once for the whole design box.
 The pulse steps bound the rotation anywhere in the box; rebuilds use fewer (1.25x what the
 starting design needs) while the step rule allows them for the current design (checked by
-`set_live` and `refresh`, outside jit; every rebuild is guarded at run time). The table
+`set_live` and `refresh`, outside jit; a rebuild whose design needs more raises). The table
 grid is refined until the designs at the box's corners pass the tables' resolution test
 (strong fields with long pulses oscillate in z: hk = 2e4 A/m at tau = 2.9 ns needs ~2049
 nodes), and every live rebuild repeats the test, so a design that leaves the resolved range
@@ -355,7 +355,7 @@ class DesignedMTJ(eqx.Module):
     live: bool
     # RK4 steps of the table rebuilds (a Python int leaf like `live`): `fast_steps` while the
     # step rule allows them for the current design, else the box's (`template.steps`);
-    # chosen by `set_live` and `refresh` outside jit. Rebuilds stay guarded at run time.
+    # chosen by `set_live` and `refresh` outside jit; a rebuild re-checks it (raises).
     rebuild_steps: int
     reset: ResetModel
     v_read: float = eqx.field(static=True)
