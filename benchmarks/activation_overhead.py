@@ -6,15 +6,17 @@ One training step = `mtjax.train.train_step`, the compiled step `mtjax.train.tra
 variant runs in this process on the same data: software `jnp.tanh`, then `MTJActivation`
 (paper device, shared by all neurons, derivative "mz2") in each mode, plus "table" with
 one device per neuron (Ms with a 5 % rms spread). Compile time is measured apart; the
-compiled step is timed `--repeats` times (`--slow-repeats` for ode/sde), round-robin over
-the variants (median, `block_until_ready`); "ratio" is relative to tanh.
+compiled step is timed `--repeats` times (`--slow-repeats` for ode/sde), each from the same
+starting model and optimizer state, round-robin over the variants (median,
+`block_until_ready`); "ratio" is relative to tanh.
 "thermal" (300 K, paper device; and one device per neuron) draws its thermal noise from the
 moment tables. The one-off cost of building the tables for 256 per-neuron devices
 (deterministic and thermal) is timed apart and reported in steps.
 "joint_*": one joint weights + design step of `mtjax.codesign` (`DesignedMTJ`, thermal, 300 K,
 `joint_optimizer`, energy in the design): "live" rebuilds the response tables inside the
 loss (exact design gradient; "live_box_steps": with the design box's worst-case RK4 steps
-instead of the fewer the current design needs), "cached" uses the tables of the last
+instead of the fewer the current design needs; "live_energy": with `EnergyLoss`, so the
+energy tables are rebuilt too, at their own steps), "cached" uses the tables of the last
 refresh; shared device and 256 per-neuron devices (5 % relative deviations). With
 `DesignSchedule(every=K)` one step in K is live: "amortized" gives (live + (K - 1) cached) / K
 from the measured medians (the refresh after a live step, a forward rebuild, is timed apart
@@ -63,24 +65,34 @@ def _parse(argv):
     return args
 
 
-def _prepare(model, x, y, optimizer=None):
-    """Compile one variant; return (compile seconds, a zero-argument timed step, its state)."""
+def _copy(tree):
+    return jax.tree.map(lambda v: jnp.copy(v) if isinstance(v, jax.Array) else v, tree)
+
+
+def _prepare(model, x, y, optimizer=None, loss_fn=_train.cross_entropy):
+    """Compile one variant; return (compile seconds, a zero-argument step returning its
+    seconds, its state). Every step starts from the same model and optimizer state (copied
+    outside the timing; the step donates them): a live co-design step moves the design, and
+    a design moved past its rebuild steps raises until `codesign.set_live` picks new ones."""
     if optimizer is None:
         optimizer = _train.make_optimizer(_train.TrainConfig(lr=1e-3, schedule="constant"), 1)
     model, opt_state, mask = _train.init_state(model, optimizer, trainable(model))
-    state = {"model": model, "opt": opt_state, "i": 0, "loss": None}
+    start = _copy((model, opt_state))
+    state = {"i": 0, "loss": None}
     key, ones = jax.random.key(1), jnp.ones(x.shape[0], bool)
 
     def run():
-        batch = _train.Batch(x, y, ones, np.asarray(state["i"], np.uint32), key)
-        out = _train.train_step(batch, state["model"], state["opt"], optimizer, mask)
+        model, opt_state = jax.block_until_ready(_copy(start))
+        batch = _train.Batch(x, y, ones, np.asarray(state["i"], np.uint32), key, loss_fn)
+        t0 = time.perf_counter()
+        out = _train.train_step(batch, model, opt_state, optimizer, mask)
         jax.block_until_ready(out)
-        state["model"], state["opt"], state["loss"] = out.model, out.opt_state, out.loss
+        seconds = time.perf_counter() - t0
+        state["loss"] = out.loss
         state["i"] += 1
+        return seconds
 
-    t0 = time.perf_counter()
-    run()
-    return time.perf_counter() - t0, run, state
+    return run(), run, state
 
 
 def _time_rebuild(act: MTJActivation, repeats: int) -> dict:
@@ -108,11 +120,12 @@ def _designed(base, deviations, live: bool):
 
 
 def _box_steps(model):
-    """`model` whose `DesignedMTJ` rebuilds always use the design box's steps (the comparison
-    for `MTJActivation.with_fast_steps`)."""
+    """`model` whose `DesignedMTJ` rebuilds (response and energy tables) always use the
+    design box's steps (the comparison for `codesign.step_ladder`)."""
 
     def box(layer):
-        return eqx.tree_at(lambda s: s.rebuild_steps, layer, layer.template.steps)
+        steps = (layer.template.steps, layer.energy_box_steps)
+        return eqx.tree_at(lambda s: (s.rebuild_steps, s.energy_steps), layer, steps)
 
     is_designed = lambda x: isinstance(x, codesign.DesignedMTJ)  # noqa: E731
     return jax.tree.map(lambda x: box(x) if is_designed(x) else x, model, is_leaf=is_designed)
@@ -182,19 +195,38 @@ def main(argv=None):
     live = _designed(base, None, True)
     lay = codesign.designed_layers(live)[0]
     steps = f"rebuilds with {lay.rebuild_steps} RK4 steps (box: {lay.template.steps})"
+    e_steps = f"energy tables with {lay.energy_steps} (box: {lay.energy_box_steps})"
+    cached = _designed(base, None, False)
+    e0 = codesign.energy_per_example(cached, x[0], key=jax.random.key(2))  # the reference
+    energy_loss = codesign.EnergyLoss(1.0, e0)
+    box_text = "rebuilds with the box's steps"
     models = {
         "joint_live": (live, f"{text}, live, {steps}", args.repeats),
-        "joint_live_box_steps": (
-            _box_steps(live), f"{text}, live, rebuilds with the box's steps", args.repeats
+        "joint_live_box_steps": (_box_steps(live), f"{text}, live, {box_text}", args.repeats),
+        "joint_live_energy": (
+            live,
+            f"{text}, live, EnergyLoss, {steps}, {e_steps}",
+            args.repeats,
+            energy_loss,
         ),
-        "joint_cached": (_designed(base, None, False), text + ", cached", args.repeats),
+        "joint_live_energy_box_steps": (
+            _box_steps(live),
+            f"{text}, live, EnergyLoss, {box_text}",
+            args.repeats,
+            energy_loss,
+        ),
+        "joint_cached": (cached, text + ", cached", args.repeats),
         "joint_cached_per_neuron": (
-            _designed(base, devs, False), text + ", cached, 256 devices", args.repeats
+            _designed(base, devs, False),
+            text + ", cached, 256 devices",
+            args.repeats,
         ),
     }
     if not args.quick:  # ~1 min per step on 2 CPU cores
         models["joint_live_per_neuron"] = (
-            _designed(base, devs, True), text + ", live, 256 devices", 1
+            _designed(base, devs, True),
+            text + ", live, 256 devices",
+            1,
         )
     refresh_ms = {
         "shared": _time_refresh(models["joint_cached"][0], args.slow_repeats),
@@ -205,17 +237,15 @@ def main(argv=None):
     for name, act, repeats in variants:
         compile_s, run, state = _prepare(deploy(base, act), x, y)
         prepared[name] = (run, state, repeats, compile_s, [])
-    for name, (model, text, repeats) in models.items():
-        compile_s, run, state = _prepare(model, x, y, joint)
+    for name, (model, text, repeats, *loss) in models.items():
+        compile_s, run, state = _prepare(model, x, y, joint, *loss)
         prepared[name] = (run, state, repeats, compile_s, [])
         variants.append((name, text, repeats))
     # round-robin, so that background load affects every variant alike
     for r in range(max(v[2] for v in prepared.values())):
         for run, _, repeats, _, times in prepared.values():
             if r < repeats:
-                t0 = time.perf_counter()
-                run()
-                times.append(time.perf_counter() - t0)
+                times.append(run())
     results = {}
     for (name, act, _), (_, state, repeats, compile_s, times) in zip(
         variants, prepared.values(), strict=True

@@ -29,6 +29,7 @@ from mtjax.energy import (
     ResetModel,
     activation_energy,
     energy_table,
+    needed_energy_steps,
     network_energy,
 )
 from mtjax.ensemble import pulse_ensemble
@@ -60,6 +61,7 @@ __all__ = [
     "energy",
     "energy_table",
     "fetch",
+    "needed_energy_steps",
     "network_energy",
     "nn",
     "physics",

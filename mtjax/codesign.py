@@ -17,8 +17,9 @@
 - `EnergyLoss`: cross-entropy + weight x (energy per inference / reference energy).
 
 Static solver settings (pulse steps, table grid) are chosen once for the whole design box.
-The pulse steps bound the rotation anywhere in the box; rebuilds use fewer (1.25x what the
-starting design needs) while the step rule allows them for the current design (checked by
+The pulse steps bound the rotation anywhere in the box; rebuilds of the response and energy
+tables use fewer: the lowest rung of a ladder (1.25x what the starting design needs, x1.25
+per rung, up to the box's) that the step rule allows for the current design (chosen by
 `set_live` and `refresh`, outside jit; a rebuild whose design needs more raises). The table
 grid is refined until the designs at the box's corners pass the tables' resolution test
 (strong fields with long pulses oscillate in z: hk = 2e4 A/m at tau = 2.9 ns needs ~2049
@@ -42,7 +43,13 @@ from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
 
 from mtjax.analytic import current_scale
 from mtjax.constants import GAMMA0
-from mtjax.energy import EnergyTable, ResetModel, energy_table
+from mtjax.energy import (
+    DEFAULT_ENERGY_STEPS,
+    EnergyTable,
+    ResetModel,
+    energy_table,
+    needed_energy_steps,
+)
 from mtjax.integrators import steps_for
 from mtjax.nn.activation import (
     DEFAULT_ODE_STEPS,
@@ -59,9 +66,27 @@ from mtjax.params import DeviceParams
 from mtjax.train import cross_entropy
 from mtjax.variation import Deviations
 
-#: Table rebuilds of a `DesignedMTJ` use this many times the RK4 steps its starting design
-#: needs while the step rule allows it (`MTJActivation.with_fast_steps`), else the box's.
+#: Rebuilds of a `DesignedMTJ` (response and energy tables) use RK4 step counts from a
+#: ladder: this many times the steps its starting design needs, times this again per rung,
+#: up to the design box's count; each rebuild takes the lowest rung the step rule allows for
+#: the current design (`step_ladder`, `MTJActivation.with_fast_steps`).
 FAST_STEPS_MARGIN = 1.25
+
+
+def step_ladder(fast: int, box: int) -> tuple[int, ...]:
+    """Step counts `fast`, ceil(`fast` M), ceil(`fast` M^2), ... below `box`, then `box`
+    (M = `FAST_STEPS_MARGIN`): at most a few compiled rebuilds per layer."""
+    rungs = [min(int(fast), int(box))]
+    while rungs[-1] < box:
+        rungs.append(min(math.ceil(FAST_STEPS_MARGIN * rungs[-1]), int(box)))
+    return tuple(rungs)
+
+
+def _rung(need, fast: int, box: int) -> int:
+    """Lowest rung of `step_ladder(fast, box)` >= `need` (box if `need` is traced)."""
+    if isinstance(need, jax.core.Tracer):
+        return int(box)
+    return next((r for r in step_ladder(fast, box) if float(need) <= r), int(box))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -353,15 +378,18 @@ class DesignedMTJ(eqx.Module):
     # A Python bool leaf, static under eqx.filter_jit (a compiled step each for live and
     # cached; a cached one never runs a rebuild), same pytree structure either way.
     live: bool
-    # RK4 steps of the table rebuilds (a Python int leaf like `live`): `fast_steps` while the
-    # step rule allows them for the current design, else the box's (`template.steps`);
-    # chosen by `set_live` and `refresh` outside jit; a rebuild re-checks it (raises).
+    # RK4 steps of the response-table and energy-table rebuilds (Python int leaves like
+    # `live`): the lowest rung of `step_ladder(fast, box)` the step rule allows for the
+    # current design; chosen by `set_live` and `refresh` outside jit; a rebuild re-checks
+    # the rule (raises).
     rebuild_steps: int
+    energy_steps: int
     reset: ResetModel
     v_read: float = eqx.field(static=True)
     t_read: float = eqx.field(static=True)
-    energy_steps: int = eqx.field(static=True)
-    fast_steps: int | None = eqx.field(static=True)
+    fast_steps: int | None = eqx.field(static=True)  # None: no tables, or fast = box
+    energy_fast_steps: int = eqx.field(static=True)
+    energy_box_steps: int = eqx.field(static=True)
     inert: tuple[str, ...] = eqx.field(static=True)  # response-inert free variables
     accepts_key = True
 
@@ -404,14 +432,20 @@ class DesignedMTJ(eqx.Module):
         )  # fmt: skip
         self.fast_steps = None
         if mode in ("table", "thermal"):
-            # rebuilds at the steps the starting design needs (with a margin for the design
-            # to move) while the step rule allows them, else at the box's
+            # the ladder's lowest rung: the steps the starting design needs, with a margin
+            # for the design to move
             local = pulse_steps(devices, grid.reach * scale, "rk4_scan", None, DEFAULT_ODE_STEPS)
             fast = math.ceil(FAST_STEPS_MARGIN * local)
             self.fast_steps = fast if fast < steps else None
-        # the starting design needs `local` <= fast_steps steps: the choice of `set_live`
+        # the starting design needs `local` <= fast_steps steps: the rung `set_live` picks
         self.rebuild_steps = steps if self.fast_steps is None else self.fast_steps
-        self.energy_steps = max(64, steps)
+        # energy tables: the same kind of ladder, from the energy pulses' step rule
+        self.energy_box_steps = max(DEFAULT_ENERGY_STEPS, steps)
+        need = needed_energy_steps(devices, grid.reach * scale, self.reset)
+        fast = self.energy_box_steps
+        if not isinstance(need, jax.core.Tracer):
+            fast = min(math.ceil(FAST_STEPS_MARGIN * float(need)), fast)
+        self.energy_fast_steps = self.energy_steps = fast
         self.energy_cache = self._energy(devices, scale)
         self.live = False
         self.inert = ()
@@ -434,10 +468,26 @@ class DesignedMTJ(eqx.Module):
         return devices, design.input_scale()
 
     def _energy(self, devices, scale) -> EnergyTable:
-        return energy_table(
+        """Energy table of `devices` at `energy_steps`; fewer than the box's are re-checked
+        against the step rule for these devices (ValueError, or `eqx.error_if` if traced)."""
+        table = energy_table(
             devices, scale, self.template.grid, reset=self.reset, v_read=self.v_read,
             t_read=self.t_read, m0=self.template.m0, steps=self.energy_steps,
         )  # fmt: skip
+        if self.energy_steps >= self.energy_box_steps:
+            return table
+        need = needed_energy_steps(devices, self.template.grid.reach * scale, self.reset)
+        msg = (
+            f"DesignedMTJ: {self.energy_steps} RK4 steps per energy pulse are too coarse for "
+            "this design by the step rule (it moved); set_live or refresh choose the steps "
+            "again"
+        )
+        if isinstance(need, jax.core.Tracer):
+            return eqx.tree_at(lambda t: t.coef, table,
+                               eqx.error_if(table.coef, need > self.energy_steps, msg))  # fmt: skip
+        if float(need) > self.energy_steps:
+            raise ValueError(f"{msg}: {float(need):.1f} needed")
+        return table
 
     @property
     def n_devices(self) -> int | None:
@@ -498,8 +548,8 @@ class DesignedMTJ(eqx.Module):
         z = jnp.asarray(z, dtype=jnp.result_type(float))
         if _is_live(self):
             devices, scale = self._devices_and_scale(self.design, self.deviations)
-            return self._energy(devices, scale)(z).total
-        return jax.lax.stop_gradient(self.energy_cache)(z).total
+            return self._energy(devices, scale).total(z)
+        return jax.lax.stop_gradient(self.energy_cache).total(z)
 
 
 def _is_live(layer: DesignedMTJ) -> bool:
@@ -553,23 +603,24 @@ def _with_live(layer: DesignedMTJ, live: bool) -> DesignedMTJ:
 
 
 @eqx.filter_jit
-def _needed_steps(layer: DesignedMTJ) -> Array:
-    return layer.activation().needed_steps()
+def _needed_steps(layer: DesignedMTJ) -> tuple[Array, Array]:
+    """Step-rule counts of the current design: (response tables, energy table)."""
+    devices, scale = layer._devices_and_scale(layer.design, layer.deviations)
+    energy = needed_energy_steps(devices, layer.template.grid.reach * scale, layer.reset)
+    return layer.activation().needed_steps(), energy
 
 
-def _chosen_rebuild_steps(layer: DesignedMTJ) -> int:
-    """`layer.fast_steps` if the step rule allows them for the current design (concrete),
-    else the box's steps (a traced design included)."""
-    if layer.fast_steps is None:
-        return layer.template.steps
-    need = _needed_steps(layer)
-    if isinstance(need, jax.core.Tracer) or not float(need) <= layer.fast_steps:
-        return layer.template.steps
-    return layer.fast_steps
+def _chosen_steps(layer: DesignedMTJ) -> tuple[int, int]:
+    """(rebuild_steps, energy_steps) for the current design: the lowest rungs of the step
+    ladders that the step rule allows (the box's for a traced design)."""
+    need, energy = _needed_steps(layer)
+    box = layer.template.steps
+    tables = box if layer.fast_steps is None else _rung(need, layer.fast_steps, box)
+    return tables, _rung(energy, layer.energy_fast_steps, layer.energy_box_steps)
 
 
 def _with_chosen_steps(layer: DesignedMTJ) -> DesignedMTJ:
-    return eqx.tree_at(lambda s: s.rebuild_steps, layer, _chosen_rebuild_steps(layer))
+    return eqx.tree_at(lambda s: (s.rebuild_steps, s.energy_steps), layer, _chosen_steps(layer))
 
 
 def set_live(model: PyTree, live: bool) -> PyTree:

@@ -52,7 +52,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
 from mtjax.constants import TIME_UNIT
-from mtjax.integrators import normalize, rk4_step, steps_for, too_coarse
+from mtjax.integrators import normalize, required_steps, rk4_step, steps_for, too_coarse
 from mtjax.nn.activation import (
     DEFAULT_Z_MAX,
     MTJActivation,
@@ -83,6 +83,7 @@ __all__ = [
     "ResetModel",
     "activation_energy",
     "energy_table",
+    "needed_energy_steps",
     "network_energy",
     "reset_current",
     "rotation_per_amp",
@@ -270,6 +271,37 @@ def _pulse_energy(params: DeviceParams, currents, m_start, duration, n_steps: in
     return y[:3], y[3] * TIME_UNIT
 
 
+def _rotations(params: DeviceParams, currents, duration) -> Array:
+    """Rotation bound (rad) of a pulse with |I1|, |I2| = `currents` (A) for `duration` (s),
+    per device of `params`."""
+
+    def theta(p, c, t):
+        return rotation_rate_bound(torque_coefficients(p, c)) * t
+
+    batch = params.batch_shape
+    return over_devices(
+        theta,
+        params,
+        jnp.broadcast_to(jnp.abs(jnp.asarray(currents)), (*batch, 2)),
+        jnp.broadcast_to(jnp.asarray(duration), batch),
+    )
+
+
+def needed_energy_steps(
+    params: DeviceParams, max_current: Float[ArrayLike, ""], reset: ResetModel | None = None
+) -> Float[Array, ""]:
+    """RK4 steps per pulse that the step rule (`mtjax.integrators.required_steps`; a float,
+    not rounded) asks for the write pulse at |I1| <= `max_current` (A) and for the reset
+    pulse of `reset`, the larger of the two, over the devices of `params`. Traceable."""
+    reset = ResetModel() if reset is None else reset
+    i1 = jnp.asarray(max_current, dtype=jnp.result_type(float))
+    zero = jnp.zeros_like(i1)
+    write = _rotations(params, jnp.stack([i1, zero]), params.pulse_duration)
+    i2 = _max_reset_current(params, reset)
+    reset_rot = _rotations(params, jnp.stack([zero, i2]), reset.time(params))
+    return required_steps(jnp.maximum(jnp.max(write), jnp.max(reset_rot)), "rk4_scan")
+
+
 def _steps(params: DeviceParams, currents, duration, steps: int | None) -> int:
     """RK4 steps of a pulse with |I1|, |I2| up to `currents` (A) for `duration` (s) on every
     device of `params`: given (checked when concrete) or chosen (>= DEFAULT_ENERGY_STEPS)."""
@@ -277,17 +309,7 @@ def _steps(params: DeviceParams, currents, duration, steps: int | None) -> int:
         if isinstance(steps, bool) or int(steps) != steps or steps < 1:
             raise ValueError(f"steps: must be a positive integer, got {steps!r}")
         steps = int(steps)
-
-    def theta(p, c, t):
-        return rotation_rate_bound(torque_coefficients(p, c)) * t
-
-    batch = params.batch_shape
-    th = over_devices(
-        theta,
-        params,
-        jnp.broadcast_to(jnp.abs(jnp.asarray(currents)), (*batch, 2)),
-        jnp.broadcast_to(jnp.asarray(duration), batch),
-    )
+    th = _rotations(params, currents, duration)
     if not _concrete(th):
         return DEFAULT_ENERGY_STEPS if steps is None else steps
     if steps is None:
@@ -400,18 +422,30 @@ class EnergyTable(eqx.Module):
     grid: TableGrid
     latency: Float[Array, "*batch"]
 
-    def __call__(self, z: Float[ArrayLike, "*n"]) -> EnergyBreakdown:
-        """`EnergyBreakdown` at pre-activations `z` (clipped to +-z_max like the activation;
-        for a batch of devices z has shape (n,), one per device)."""
+    def _checked(self, z) -> Array:
         z = _clip(jnp.asarray(z, dtype=jnp.result_type(float)), self.grid.z_max)
         if self.coef.ndim == 4 and z.shape != self.coef.shape[:1]:
             raise ValueError(
                 f"z: shape {z.shape} does not match the table's {self.coef.shape[0]} devices"
             )
+        return z
+
+    def __call__(self, z: Float[ArrayLike, "*n"]) -> EnergyBreakdown:
+        """`EnergyBreakdown` at pre-activations `z` (clipped to +-z_max like the activation;
+        for a batch of devices z has shape (n,), one per device)."""
+        z = self._checked(z)
         y = hermite_eval(self.coef, self.grid, z)
         write, reset, read, residual, i2, disturb = jnp.moveaxis(y, -1, 0)
         latency = jnp.broadcast_to(self.latency, z.shape)
         return _breakdown(write, reset, read, latency, residual, i2, disturb)
+
+    def total(self, z: Float[ArrayLike, "*n"]) -> Float[Array, "*n"]:
+        """`self(z).total` (J) from one interpolated curve: the write, reset and read
+        coefficients summed first (the interpolation is linear in them), so a gradient
+        scatters a sixth of the coefficients."""
+        z = self._checked(z)
+        coef = jnp.sum(self.coef[..., :3, :], axis=-2, keepdims=True)
+        return hermite_eval(coef, self.grid, z)[..., 0]
 
 
 def _clip(z, z_max: float):

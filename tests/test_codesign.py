@@ -1,6 +1,7 @@
 """Co-design: bounded design variables, exact design gradients, joint training, safety."""
 
 import functools
+import math
 
 import equinox as eqx
 import jax
@@ -328,47 +329,80 @@ def test_design_gradient_with_the_model_a_compile_time_constant(thermal_model):
 
 
 def test_rebuilds_use_fewer_steps_while_the_design_allows_them(thermal_model):
-    # the box's step count covers every design; set_live / refresh pick the fast steps
-    # (1.25x what the starting design needs) while the step rule allows them for the current
-    # design, else the box's; rebuilds stay guarded at run time
+    # the box's step count covers every design; set_live / refresh pick the lowest rung of a
+    # ladder (1.25x what the starting design needs, x1.25 per rung, up to the box's) that
+    # the step rule allows for the current design; rebuilds stay guarded at run time
+    from mtjax.energy import energy_table, needed_energy_steps
     from mtjax.integrators import required_steps
     from mtjax.nn.activation import rotation_per_pulse
 
     layer = thermal_model.activations[0]
     box, fast = layer.template.steps, layer.fast_steps
     assert fast is not None and fast < box and layer.rebuild_steps == fast
+    ladder = codesign.step_ladder(fast, box)
+    assert ladder[0] == fast and ladder[-1] == box and len(ladder) >= 3
+    assert all(b <= math.ceil(1.25 * a) for a, b in zip(ladder[:-1], ladder[1:], strict=True))
 
     def need(lay):
         a = lay.activation()
         return float(required_steps(rotation_per_pulse(a.params, a.grid.reach * a.input_scale),
                                     "rk4_scan"))  # fmt: skip
 
-    steep = eqx.tree_at(lambda s: s.design, layer, layer.design.with_values({"input_scale": 1.9}))
-    assert need(layer) <= fast < need(steep) <= box
+    def energy_need(lay):
+        devices, scale = lay._devices_and_scale(lay.design, lay.deviations)
+        return float(needed_energy_steps(devices, lay.template.grid.reach * scale, lay.reset))
+
+    def at_gain(gain):
+        return eqx.tree_at(lambda s: s.design, layer,
+                           layer.design.with_values({"input_scale": gain}))  # fmt: skip
+
+    gains = [at_gain(g) for g in np.linspace(1.05, 1.98, 32)]
+    mid = next(lay for lay in gains if need(lay) > fast)  # needs the second rung
+    assert need(layer) <= fast < need(mid) <= ladder[1]
     live = eqx.filter_jit(lambda lay: lay.activation()._tables().coef)
     at = eqx.filter_jit(lambda lay, n: lay.activation()._tables_at(n).coef)
-    for lay, n, other in ((layer, fast, box), (steep, box, fast)):
+    zs = jnp.linspace(-3.0, 3.0, layer.n_devices or 13)
+    for lay, n, other in ((layer, fast, box), (mid, ladder[1], fast)):
         chosen = codesign.set_live(lay, True)
         assert chosen.rebuild_steps == n and codesign.refresh(lay).rebuild_steps == n
         got, off = live(chosen), at(lay, other)
         np.testing.assert_array_equal(got, at(lay, n))
         assert float(jnp.max(jnp.abs(got - off))) > 1e-5
+        # the energy table: its own ladder and step rule, the same choice
+        e_ladder = codesign.step_ladder(layer.energy_fast_steps, layer.energy_box_steps)
+        n_e = chosen.energy_steps
+        assert n_e in e_ladder and energy_need(lay) <= n_e
+        assert n_e == e_ladder[0] or energy_need(lay) > e_ladder[e_ladder.index(n_e) - 1]
+        devices, scale = lay._devices_and_scale(lay.design, lay.deviations)
+        direct = energy_table(devices, scale, lay.template.grid, reset=lay.reset, steps=n_e)
+        np.testing.assert_allclose(chosen.energy_per_neuron(zs), direct(zs).total, rtol=1e-6)
+        if lay is layer:  # fewer steps, the same energy: within the step rule's target
+            box_e = energy_table(devices, scale, lay.template.grid, reset=lay.reset,
+                                 steps=layer.energy_box_steps)(zs).total  # fmt: skip
+            np.testing.assert_allclose(direct(zs).total, box_e, rtol=1e-4)
     np.testing.assert_array_equal(codesign.refresh(layer).template.table.coef, live(layer))
     # a traced design cannot be checked: the box's steps
-    traced = eqx.filter_jit(lambda lay: codesign._chosen_rebuild_steps(lay))(layer)
-    assert traced == box
+    traced = eqx.filter_jit(lambda lay: codesign._chosen_steps(lay))(layer)
+    assert traced == (box, layer.energy_box_steps)
     # too few steps for the design raise inside jit instead of building a wrong table
     coarse = eqx.tree_at(lambda s: s.rebuild_steps, layer, 2)
     with pytest.raises(Exception, match="too coarse"):
         jax.block_until_ready(live(coarse))
-    # a design that moved past the fast steps without set_live/refresh (e.g. a manual loop)
-    # raises rather than rebuilding less accurately than the step rule asks
-    stale = eqx.tree_at(lambda s: s.design, layer, steep.design)
-    assert stale.rebuild_steps == fast
+    # a design that moved past the chosen steps without set_live/refresh (e.g. a manual
+    # loop) raises rather than rebuilding less accurately than the step rule asks
+    stale = eqx.tree_at(lambda s: s.design, layer, mid.design)
+    assert stale.rebuild_steps == fast and stale.energy_steps == layer.energy_fast_steps
     with pytest.raises(Exception, match="set_live"):
         jax.block_until_ready(live(stale))
     with pytest.raises(ValueError, match="set_live"):
         jax.lax.stop_gradient(stale.activation())._tables()
+    live_stale = codesign.set_live(stale, True)
+    live_stale = eqx.tree_at(lambda s: s.energy_steps, live_stale, layer.energy_fast_steps)
+    with pytest.raises(ValueError, match="energy pulse are too coarse"):
+        live_stale.energy_per_neuron(zs)
+    energy = eqx.filter_jit(lambda lay, z: lay.energy_per_neuron(z))
+    with pytest.raises(Exception, match="set_live"):
+        jax.block_until_ready(energy(live_stale, zs))
     with pytest.raises(ValueError, match="fast_steps"):
         layer.template.with_fast_steps(0)
     with pytest.raises(ValueError, match="with_fast_steps"):

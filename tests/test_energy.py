@@ -122,8 +122,14 @@ def test_energy_table_matches_direct_computation_off_nodes():
         for name in ("write", "reset", "read", "total"):
             np.testing.assert_allclose(getattr(got, name)[j], getattr(want, name), rtol=1e-4)
         np.testing.assert_allclose(got.latency[j], want.latency, rtol=1e-6)
-    with pytest.raises(ValueError, match="does not match"):
-        table(jnp.zeros(4))
+    # the one-curve total (what co-design's energy loss reads) and its gradient
+    np.testing.assert_allclose(table.total(z), got.total, rtol=1e-6)
+    g_total = jax.grad(lambda c: jnp.sum(eqx.tree_at(lambda t: t.coef, table, c).total(z)))
+    g_sum = jax.grad(lambda c: jnp.sum(eqx.tree_at(lambda t: t.coef, table, c)(z).total))
+    np.testing.assert_allclose(g_total(table.coef), g_sum(table.coef), rtol=1e-6, atol=0)
+    for f in (table, table.total):
+        with pytest.raises(ValueError, match="does not match"):
+            f(jnp.zeros(4))
 
 
 def test_energy_gradients_match_finite_differences_x64():
