@@ -131,6 +131,7 @@ class ResetModel(eqx.Module):
     eps: Float[Array, ""]
     theta_start: Float[Array, ""]
     adaptive: bool = eqx.field(static=True)
+    never_trained = True  # a circuit setting: `mtjax.nn.trainable` leaves it out
 
     def __init__(
         self,
@@ -421,6 +422,7 @@ class EnergyTable(eqx.Module):
     coef: Float[Array, "*batch n_interval 6 4"]
     grid: TableGrid
     latency: Float[Array, "*batch"]
+    never_trained = True  # derived from the devices: `mtjax.nn.trainable` leaves it out
 
     def _checked(self, z) -> Array:
         z = _clip(jnp.asarray(z, dtype=jnp.result_type(float)), self.grid.z_max)

@@ -215,6 +215,34 @@ def test_raw_device_arrays_cannot_be_optimized():
     assert not any(jax.tree_util.tree_leaves(eqx.filter(spec.activations[0], lambda v: v)))
 
 
+def test_an_energy_loss_trains_only_weights_and_design_variables():
+    # the reset model (target angle, start angle) and the energy cache are a circuit setting
+    # and derived data (rebuilt by refresh), never optimizer parameters: an energy loss has a
+    # gradient for the reset target (a sloppier reset costs less), and Adam used to move eps
+    # 0.01 -> 0.05 rad in five live steps
+    x, y = _data(32)
+    model = _model(Design(PAPER.replace(temperature=0.0)), mode="table", energy=True)
+    spec = mtjax.nn.trainable(model)
+    paths = [jax.tree_util.keystr(p) for p, v in jax.tree_util.tree_leaves_with_path(spec) if v]
+    assert paths and all(p.startswith(".layers") or ".design.theta" in p for p in paths), paths
+    assert any(".design.theta" in p for p in paths)
+    with pytest.raises(ValueError, match="fixed circuit settings"):
+        mtjax.nn.check_trainable(model, eqx.is_inexact_array)
+    layer = model.activations[0]
+    e0 = float(codesign.energy_per_example(model, x[0]))
+    config = train.TrainConfig(epochs=1, batch_size=16, lr=1e-2, optimizer=codesign.joint_optimizer)
+    res = train.train(
+        model, (np.asarray(x), np.asarray(y)), (np.asarray(x), np.asarray(y)), config,
+        loss_fn=EnergyLoss(10.0, e0), progress=False, on_step=DesignSchedule(every=1),
+    )  # fmt: skip
+    after = res.model.activations[0]
+    assert any(float(jnp.max(jnp.abs(after.design.theta[k] - v))) > 0
+               for k, v in layer.design.theta.items())  # fmt: skip
+    for a, b in zip(jax.tree_util.tree_leaves(after.reset), jax.tree_util.tree_leaves(layer.reset),
+                    strict=True):  # fmt: skip
+        np.testing.assert_array_equal(a, b)
+
+
 def test_train_device_gradient_is_never_that_of_a_stale_table():
     act = MTJActivation(PAPER, mode="table", train_device=True)
     z = jnp.array([-1.0, 0.3, 1.5])

@@ -148,16 +148,21 @@ def rebuild_tables(model: PyTree) -> PyTree:
 
 def _frozen(x) -> bool:
     """Nodes whose arrays an optimizer must never move directly: MTJ layers (device side,
-    tables, reset states), raw device parameters and fixed deviations."""
-    return isinstance(x, MTJActivation | DeviceParams | Deviations)
+    tables, reset states), raw device parameters, fixed deviations, and modules that declare
+    `never_trained = True` (fixed circuit settings and caches, e.g. `mtjax.energy`'s
+    `ResetModel` and `EnergyTable`: an energy loss would otherwise train the reset target)."""
+    return isinstance(x, MTJActivation | DeviceParams | Deviations) or (
+        isinstance(x, eqx.Module) and getattr(x, "never_trained", False) is True
+    )
 
 
 def trainable(model: PyTree) -> PyTree:
     """Filter spec (bool pytree) for `eqx.partition`/`eqx.filter`: every inexact array except
-    the arrays of `MTJActivation` layers, `DeviceParams` and `Deviations` anywhere in the
-    model. Raw device parameters are never optimized (an optimizer step could make them
-    non-physical); devices are designed through `mtjax.codesign`, whose unconstrained
-    variables are ordinary trainable arrays. `mtjax.train` uses this by default."""
+    the arrays of `MTJActivation` layers, `DeviceParams`, `Deviations` and `never_trained`
+    modules (energy reset model and tables) anywhere in the model. Raw device parameters
+    are never optimized (an optimizer step could make them non-physical); devices are
+    designed through `mtjax.codesign`, whose unconstrained variables are ordinary trainable
+    arrays. `mtjax.train` uses this by default."""
 
     def spec(x):
         if _frozen(x):
@@ -180,7 +185,8 @@ def check_trainable(model: PyTree, spec: PyTree) -> None:
     jax.tree_util.tree_map_with_path(visit, selected, is_leaf=_frozen)
     if bad:
         raise ValueError(
-            f"filter_spec selects raw device arrays ({', '.join(bad[:3])}): an optimizer would "
-            "move device parameters without keeping them physical; design devices with "
+            f"filter_spec selects raw device arrays or fixed circuit settings "
+            f"({', '.join(bad[:3])}): an optimizer would move them without keeping them "
+            "physical; design devices with "
             "mtjax.codesign (bounded, well-scaled variables) or use mtjax.nn.trainable"
         )
