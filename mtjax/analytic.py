@@ -16,26 +16,48 @@ from mtjax.params import DeviceParams
 from mtjax.physics import gamma0, stt_amplitude, unit
 
 
+def field_free_violations(params: DeviceParams) -> list[str]:
+    """Why `params` are not field-free (empty list: they are): zero effective field
+    (hk = 0, demag = 0, h_bias = 0) and lambda1 = 1, what the closed forms of a P1 pulse
+    need (`mtjax.moments.field_free_moments`). Traced params cannot be checked and give []."""
+    leaves = [params.hk, params.demag, params.h_bias, params.lambda1]
+    if any(isinstance(v, jax.core.Tracer) for v in leaves):
+        return []
+    checks = {
+        "hk != 0": np.any(np.asarray(params.hk) != 0),
+        "demag != 0": np.any(np.asarray(params.demag) != 0),
+        "h_bias != 0": np.any(np.asarray(params.h_bias) != 0),
+        "lambda1 != 1": np.any(np.asarray(params.lambda1) != 1),
+    }
+    return [what for what, bad in checks.items() if bad]
+
+
+def not_field_free(params: DeviceParams) -> Array:
+    """True where a device of `params` is not field-free (`field_free_violations`);
+    array and tracer friendly, shape `params.batch_shape`."""
+    return (
+        (params.hk != 0)
+        | jnp.any(params.demag != 0, axis=-1)
+        | jnp.any(params.h_bias != 0, axis=-1)
+        | (params.lambda1 != 1)
+    )
+
+
 def closed_form_violations(params: DeviceParams) -> list[str]:
     """Why the closed form does not describe `params` (empty list: it does).
 
     It needs zero effective field (hk = 0, demag = 0, h_bias = 0), lambda1 = 1 and
     P2 = +z with P1 perpendicular to it (the pulse starts from m = +z). Traced params
     cannot be checked and give []."""
-    leaves = [params.hk, params.demag, params.h_bias, params.lambda1, params.p1, params.p2]
-    if any(isinstance(v, jax.core.Tracer) for v in leaves):
+    if any(isinstance(v, jax.core.Tracer) for v in (params.p1, params.p2)):
         return []
     p1 = np.asarray(params.p1) / np.linalg.norm(np.asarray(params.p1), axis=-1, keepdims=True)
     p2 = np.asarray(params.p2) / np.linalg.norm(np.asarray(params.p2), axis=-1, keepdims=True)
     checks = {
-        "hk != 0": np.any(np.asarray(params.hk) != 0),
-        "demag != 0": np.any(np.asarray(params.demag) != 0),
-        "h_bias != 0": np.any(np.asarray(params.h_bias) != 0),
-        "lambda1 != 1": np.any(np.asarray(params.lambda1) != 1),
         "p2 != +z": np.any(np.abs(p2 - np.array([0.0, 0.0, 1.0])) > 1e-6),
         "p1 not perpendicular to z": np.any(np.abs(p1[..., 2]) > 1e-6),
     }
-    return [what for what, bad in checks.items() if bad]
+    return field_free_violations(params) + [what for what, bad in checks.items() if bad]
 
 
 def pulse_angles(

@@ -41,7 +41,7 @@ import numpy as np
 import optax
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray, PyTree
 
-from mtjax.analytic import current_scale
+from mtjax.analytic import current_scale, field_free_violations
 from mtjax.constants import GAMMA0
 from mtjax.energy import (
     DEFAULT_ENERGY_STEPS,
@@ -408,16 +408,22 @@ class DesignedMTJ(eqx.Module):
         t_read: float = 1e-9,
         energy: bool = False,
         thermal_std_limit: float | None = THERMAL_STD_LIMIT,
+        field_free: bool | None = None,
     ):
         """`energy`: the training loss has an energy term (`EnergyLoss`), so free variables
         that change only the energy (not the response) are allowed; otherwise they raise
         ValueError, since their gradient would be structurally zero. `thermal_std_limit`: as
         `MTJActivation` (mode "thermal"; checked at every rebuild, so a design moved out of
-        the validated range stops training with an error)."""
+        the validated range stops training with an error). `field_free` (mode "thermal"):
+        build the thermal tables from their closed form (`MTJActivation`); None chooses it
+        when no field variable (hk, h_bias) is free and every device has zero effective
+        field and lambda1 = 1; a live rebuild then costs a small fraction of an RK4 one."""
         if mode == "ideal":
             raise ValueError("mode='ideal' ignores the device: there is nothing to design")
         if mode == "analytic" and {"hk", "h_bias"} & set(design.space.free):
             raise ValueError("mode='analytic' assumes zero fields: hk/h_bias cannot be free")
+        if field_free and {"hk", "h_bias"} & set(design.space.free):
+            raise ValueError("field_free: hk/h_bias are free design variables")
         steps, grid = _box_settings(design, deviations, float(z_max), n_grid)
         if mode in ("table", "thermal"):
             grid = _resolved_box_grid(design, grid, steps, refine=n_grid is None)
@@ -425,10 +431,16 @@ class DesignedMTJ(eqx.Module):
         self.reset = ResetModel() if reset is None else reset
         self.v_read, self.t_read = float(v_read), float(t_read)
         devices, scale = self._devices_and_scale(design, deviations)
+        if field_free is None:
+            field_free = (
+                mode == "thermal"
+                and not {"hk", "h_bias"} & set(design.space.free)
+                and not field_free_violations(devices)
+            )
         self.template = MTJActivation(
             devices, mode=mode, derivative=derivative, read_noise=read_noise,
             input_scale=scale, z_max=z_max, steps=steps, grid=grid,
-            thermal_std_limit=thermal_std_limit,
+            thermal_std_limit=thermal_std_limit, field_free=field_free,
         )  # fmt: skip
         self.fast_steps = None
         if mode in ("table", "thermal"):

@@ -129,6 +129,56 @@ def moments_scan(c: TorqueCoefficients, m0, t1n, n_steps: int):
     return m, delta, sigma
 
 
+def _sinhc(x):
+    """sinh(x) / x, 1 at 0 (series below 1e-3: float32-exact, finite gradient)."""
+    small = jnp.abs(x) < 1e-3
+    safe = jnp.where(small, 1.0, x)
+    return jnp.where(small, 1.0 + x * x / 6.0, jnp.sinh(safe) / safe)
+
+
+def field_free_moments(c: TorqueCoefficients, m0, t1n):
+    """Closed form of `moments_scan` for a device with zero effective field (hk = 0,
+    demag = 0, h_bias = 0), Slonczewski lambda1 = 1 and a constant P1 drive only: the
+    same (m_det, delta, Sigma) of one lane, exact in the linear-noise approximation (no
+    time steps). The caller checks those conditions; see `field_free_violations`.
+
+    In polar coordinates about p = P1 (theta from p, phi around it) the torque is
+    -A m x (m x p) - B m x p, so theta' = -A sin theta and phi' = B, and the thermal
+    term is Brownian motion on the sphere with diffusion q = noise^2 (1 + alpha^2): with
+    x = A t + c0, c0 = artanh(m0.p), cos theta = tanh x and sin theta = sech x. The
+    tangent fluctuations are isotropic: Sigma = V (I - m m^T) with V = sech^2(x) U and
+    U = q int_0^t cosh^2(A s + c0) ds = q t/2 [1 + cosh(2 c0 + A t) sinhc(A t)] (the
+    azimuth's variance). With e the unit azimuthal direction (m = tanh(x) p + sech(x) e) and
+    e_theta = -sech(x) p + tanh(x) e, the mean shift is
+    delta = sech(x) K e_theta - V/2 m - U sech(x)/2 e, where sech(x) K is the shift of theta
+    (K integrates its source A V/2 + q cot(theta)/2 over sin theta; closed form below).
+    Tests check all three against `moments_scan`."""
+    p = c.p[0]
+    big_a = TIME_UNIT * c.rate * c.w[0]  # 1/ns: damping-like rate towards p
+    big_b = TIME_UNIT * c.rate * c.v[0]  # 1/ns: precession about p
+    q = TIME_UNIT * c.noise**2 * (1 + c.alpha**2)
+    cos0 = jnp.dot(m0, p)
+    side = m0 - cos0 * p
+    e0 = side / jnp.linalg.norm(side)
+    c0 = jnp.arctanh(cos0)
+    t = t1n
+    at, phi = big_a * t, big_b * t
+    e = jnp.cos(phi) * e0 + jnp.sin(phi) * jnp.cross(p, e0)
+    x = at + c0
+    th, sh = jnp.tanh(x), 1 / jnp.cosh(x)
+    m = th * p + sh * e
+    e_theta = -sh * p + th * e
+    u = 0.5 * q * t * (1 + jnp.cosh(2 * c0 + at) * _sinhc(at))
+    v = sh * sh * u
+    k = 0.25 * q * t * (
+        th - jnp.sinh(c0) * _sinhc(at) * sh
+        + jnp.cosh(c0 + 0.5 * at) * _sinhc(0.5 * at) * (jnp.sinh(x) + jnp.sinh(c0))
+    )  # fmt: skip
+    delta = sh * k * e_theta - 0.5 * v * m - 0.5 * u * sh * e
+    sigma = v * (jnp.eye(3, dtype=m.dtype) - jnp.outer(m, m))
+    return m, delta, sigma
+
+
 def pulse_moments(
     params: DeviceParams,
     currents: ArrayLike,

@@ -628,3 +628,64 @@ def test_designed_thermal_layer_keeps_the_thermal_range_guard():
         DesignedMTJ(design, mode="thermal", n_grid=65)
     loose = DesignedMTJ(design, mode="thermal", n_grid=65, thermal_std_limit=0.3)
     assert 0.25 < float(jnp.max(loose.template.thermal_std())) < 0.3
+
+
+def _field_free_layers():
+    p = mtjax.DeviceParams.paper(temperature=300.0)
+    layer = lambda d, **kw: DesignedMTJ(d, mode="thermal", n_grid=65, energy=True, **kw)  # noqa: E731
+    return layer, p
+
+
+def _field_free_loss():
+    x, y = _data(8)
+    keys = jax.random.split(jax.random.key(3), x.shape[0])
+
+    def loss(theta, model):
+        m = eqx.tree_at(lambda m: m.activations[0].design.theta, model, theta)
+        logits = jax.vmap(lambda xi, ki: m(xi, key=ki))(x, keys)
+        return jnp.mean(train.cross_entropy(logits, x, y))
+
+    return loss
+
+
+def test_field_free_designs_rebuild_from_the_closed_form():
+    # a thermal design whose devices have no field uses the closed-form statistics (unless
+    # told not to); its design gradient matches central finite differences (x64)
+    with jax.enable_x64(True):
+        layer, p = _field_free_layers()
+        ff = layer(Design(p))
+        assert ff.template.field_free
+        with_hk = Design(p, DesignSpace((*codesign.DEFAULT_FREE, "hk"), bounds={"hk": (-1e3, 1e3)}))
+        with pytest.raises(ValueError, match="hk/h_bias are free"):
+            layer(with_hk, field_free=True)
+        loss = _field_free_loss()
+        model = codesign.set_live(MLP((8, 4, 3), ff, key=jax.random.key(0)), True)
+        theta = ff.design.theta
+        grad = eqx.filter_jit(jax.grad(loss))(theta, model)
+        f = eqx.filter_jit(loss)
+        for name in codesign.DEFAULT_FREE:
+            h = 1e-5
+            fd = (f({**theta, name: theta[name] + h}, model)
+                  - f({**theta, name: theta[name] - h}, model)) / (2 * h)  # fmt: skip
+            assert abs(float(grad[name]) - float(fd)) <= 1e-5 * abs(float(fd)) + 1e-12, name
+            assert name == "eta1" or abs(float(fd)) > 1e-6, name  # eta1: calibrated, inert
+
+
+@pytest.mark.slow  # ~1 min: builds four designs and compiles the RK4 live gradient in x64
+def test_field_free_and_rk4_rebuilds_give_the_same_design_gradient():
+    with jax.enable_x64(True):
+        layer, p = _field_free_layers()
+        with_hk = Design(p, DesignSpace((*codesign.DEFAULT_FREE, "hk"), bounds={"hk": (-1e3, 1e3)}))
+        assert not layer(with_hk).template.field_free  # a free field: RK4
+        devs = mtjax.sample_deviations(jax.random.key(5), 4, mtjax.Spreads.relative(0.05))
+        assert not layer(Design(p), deviations=devs).template.field_free  # stray-field offsets
+        loss = _field_free_loss()
+        grads = []
+        rk4 = layer(Design(p), field_free=False)
+        assert not rk4.template.field_free
+        for lay in (layer(Design(p)), rk4):
+            model = codesign.set_live(MLP((8, 4, 3), lay, key=jax.random.key(0)), True)
+            grads.append(eqx.filter_jit(jax.grad(loss))(lay.design.theta, model))
+        for name in codesign.DEFAULT_FREE:
+            ref = abs(float(grads[0][name]))
+            assert abs(float(grads[0][name]) - float(grads[1][name])) <= 2e-3 * ref + 1e-12, name

@@ -223,3 +223,95 @@ def test_thermal_mode_refuses_devices_beyond_its_validated_range():
     assert jnp.all(jnp.abs(out(300.0)) < 1)
     with pytest.raises(Exception, match="thermal_std_limit"):
         out(6000.0)
+
+
+def _field_free_cases():
+    odd = mtjax.DeviceParams.paper(
+        xi1=0.3, alpha=0.05, diameter_x=20e-9, diameter_y=24e-9,
+        p1=(1.0, 0.3, 0.2), p2=(0.2, 0.1, 1.0), temperature=350.0,
+    )  # fmt: skip
+    return [
+        (PAPER.replace(temperature=300.0), (0.0, 0.0, 1.0), (0.0, 0.5, -1.3, 3.0)),
+        (odd, (0.1, -0.2, 1.0), (0.0, 1.7, -2.5)),
+    ]
+
+
+def test_field_free_moments_match_the_rk4_integration():
+    # the closed form of mtjax.moments against the RK4 moment equations, converged (x64)
+    from mtjax.constants import TIME_UNIT
+    from mtjax.moments import field_free_moments, moments_scan
+    from mtjax.physics import torque_coefficients
+
+    with jax.enable_x64(True):
+        for p, m0, zs in _field_free_cases():
+            m0 = jnp.asarray(m0) / jnp.linalg.norm(jnp.asarray(m0))
+            t1n = p.pulse_duration / TIME_UNIT
+            for z in zs:
+                c = torque_coefficients(p, jnp.array([z * mtjax.current_scale(p), 0.0]))
+                want = moments_scan(c, m0, t1n, 2000)
+                got = field_free_moments(c, m0, t1n)
+                for name, g, w in zip(("m", "delta", "Sigma"), got, want, strict=True):
+                    scale = float(jnp.max(jnp.abs(w)))
+                    assert scale > 0, name
+                    np.testing.assert_allclose(g, w, atol=1e-9 * scale, err_msg=f"{name} z={z}")
+
+
+def test_field_free_tables_and_their_gradients_are_exact():
+    # tables from the closed form equal converged RK4 ones; their gradients with respect to
+    # every parameter they depend on match central finite differences (x64)
+    from mtjax.nn.activation import _moment_nodes
+
+    names = ("diameter_x", "thickness", "Ms", "alpha", "pulse_duration", "temperature",
+             "eta1", "xi1", "gamma")  # fmt: skip
+    with jax.enable_x64(True):
+        p0 = PAPER.replace(temperature=300.0, xi1=0.2)
+        act = MTJActivation(p0, mode="thermal", n_grid=33)
+        scale, m0 = jnp.asarray(act.input_scale), jnp.asarray(act.m0)
+        w = jax.random.normal(jax.random.key(0), (act.grid.n_grid + 4, 5))
+
+        def stats(vals, field_free, steps=1):
+            p = p0.replace(**dict(zip(names, vals, strict=True)))
+            return _moment_nodes(p, scale, act.grid, steps, m0, field_free)
+
+        vals = [getattr(p0, n) for n in names]
+        np.testing.assert_allclose(stats(vals, True), stats(vals, False, 2000), atol=1e-8)
+        loss = lambda v: jnp.sum(w * stats(v, True)[:, 2:])  # noqa: E731
+        grad = jax.grad(loss)(vals)
+        for i, name in enumerate(names):
+            h = 1e-5 * float(vals[i])
+            up = [v + h if j == i else v for j, v in enumerate(vals)]
+            down = [v - h if j == i else v for j, v in enumerate(vals)]
+            fd = (loss(up) - loss(down)) / (2 * h)
+            assert abs(float(grad[i]) / float(fd) - 1) < 1e-6, name
+
+
+def test_field_free_is_refused_where_it_does_not_hold():
+    hot = PAPER.replace(temperature=300.0)
+    with pytest.raises(ValueError, match="hk != 0"):
+        MTJActivation(hot.replace(hk=10.0), mode="thermal", field_free=True)
+    with pytest.raises(ValueError, match="mode='thermal'"):
+        MTJActivation(hot, mode="table", field_free=True)
+    act = MTJActivation(hot, mode="thermal", field_free=True)
+    assert act.field_free and act.rebuild().field_free
+    rebuild = eqx.filter_jit(lambda a, p: a.with_devices(p, a.input_scale).rebuild().table.coef)
+    # a traced device with a field: refused at run time, not tabulated wrongly
+    with pytest.raises(Exception, match="field_free"):
+        jax.block_until_ready(rebuild(act, hot.replace(h_bias=(0.0, 0.0, 50.0))))
+    with pytest.raises(Exception, match="field_free"):
+        jax.block_until_ready(rebuild(act, hot.replace(lambda1=1.2)))
+    # the closed form has no derivative w.r.t. the fields: differentiating raises
+    coef = lambda hk: act.with_devices(hot.replace(hk=hk), act.input_scale).rebuild().table.coef  # noqa: E731
+    with pytest.raises(ValueError, match="no derivative"):
+        jax.grad(lambda hk: jnp.sum(coef(hk)))(0.0)
+    # a reset state along P1 has no azimuth
+    along = eqx.tree_at(lambda a: a.m0, act, jnp.array([1.0, 0.0, 0.0]))
+    with pytest.raises(Exception, match="along P1"):
+        jax.block_until_ready(eqx.filter_jit(lambda a: a.rebuild().table.coef)(along))
+    # the same activation statistics as RK4 tables (whose steps the noise-free response sets:
+    # the std of m.p1 at |z| = 3, ~3e-3, is 0.6 % off there; the closed form is exact)
+    rk4 = MTJActivation(hot, mode="thermal", grid=act.grid)
+    np.testing.assert_allclose(act.table.coef[:, :4], rk4.table.coef[:, :4], atol=5e-6)
+    z = jnp.linspace(-3.0, 3.0, 13)
+    keys = jax.random.split(jax.random.key(1), 2048)
+    sample = eqx.filter_jit(lambda a: jax.vmap(lambda k: a(z, key=k))(keys))
+    np.testing.assert_allclose(jnp.std(sample(act), 0), jnp.std(sample(rk4), 0), rtol=1e-2)
