@@ -717,6 +717,22 @@ def _labels(params):
     return jax.tree_util.tree_map(label, params, is_leaf=lambda x: isinstance(x, Design))
 
 
+class JointState(eqx.Module):
+    """State of `joint_optimizer`: that of the weights' transform and of the design's."""
+
+    weights: Any
+    design: Any
+
+
+def _split_groups(tree):
+    """(weight arrays, design arrays, each leaf's label, treedef) of a params-like tree."""
+    leaves, treedef = jax.tree_util.tree_flatten(tree)
+    labels = jax.tree_util.tree_leaves(_labels(tree))
+    weights = [x for x, label in zip(leaves, labels, strict=True) if label == "weights"]
+    design = [x for x, label in zip(leaves, labels, strict=True) if label == "design"]
+    return weights, design, labels, treedef
+
+
 def joint_optimizer(
     weights: optax.GradientTransformation | optax.Schedule | float,
     *,
@@ -727,14 +743,36 @@ def joint_optimizer(
     learning rate/schedule for Adam) and `design` (default Adam at `design_lr` on the
     unconstrained variables, skipped on steps where the design gradient is zero).
     `TrainConfig(optimizer=functools.partial(joint_optimizer, design_lr=...))` passes the
-    run's schedule as `weights`."""
+    run's schedule as `weights`.
+
+    Each transform sees the flat list of its group's arrays (in the model's leaf order), so
+    the state is two short lists, not two copies of the model's structure as with
+    `optax.multi_transform` (the same updates; its state cost ~1 ms of Python dispatch per
+    compiled training step, 0.4-0.6x a software-tanh step)."""
     if not isinstance(weights, optax.GradientTransformation):
         weights = optax.adam(weights)
     if design is None:
         if not (math.isfinite(design_lr) and design_lr > 0):
             raise ValueError(f"design_lr: must be finite and > 0, got {design_lr}")
         design = optax.adam(design_lr)
-    return optax.multi_transform({"weights": weights, "design": _skip_when_zero(design)}, _labels)
+    design = _skip_when_zero(design)
+
+    def init(params):
+        w, d, _, _ = _split_groups(params)
+        return JointState(weights.init(w), design.init(d))
+
+    def update(updates, state, params=None):
+        uw, ud, labels, treedef = _split_groups(updates)
+        pw = pd = None
+        if params is not None:
+            pw, pd, _, _ = _split_groups(params)
+        uw, sw = weights.update(uw, state.weights, pw)
+        ud, sd = design.update(ud, state.design, pd)
+        groups = {"weights": iter(uw), "design": iter(ud)}
+        merged = [next(groups[label]) for label in labels]
+        return jax.tree_util.tree_unflatten(treedef, merged), JointState(sw, sd)
+
+    return optax.GradientTransformation(init, update)
 
 
 # --------------------------------------------------------------------------- energy loss

@@ -689,3 +689,31 @@ def test_field_free_and_rk4_rebuilds_give_the_same_design_gradient():
         for name in codesign.DEFAULT_FREE:
             ref = abs(float(grads[0][name]))
             assert abs(float(grads[0][name]) - float(grads[1][name])) <= 2e-3 * ref + 1e-12, name
+
+
+def test_joint_optimizer_matches_a_multi_transform_with_a_small_state():
+    # the joint optimizer's updates are those of optax.multi_transform over the two groups,
+    # with a state of two short lists instead of two copies of the model's structure
+    model = _model(Design(PAPER), width=4, energy=True)
+    params = eqx.filter(model, mtjax.nn.trainable(model))
+    reference = optax.multi_transform(
+        {"weights": optax.adam(1e-2), "design": codesign._skip_when_zero(optax.adam(0.05))},
+        codesign._labels,
+    )
+    joint = codesign.joint_optimizer(1e-2)
+    states = [joint.init(params), reference.init(params)]
+    n_params = len(jax.tree.leaves(params))
+    assert len(jax.tree.leaves(states[0])) == 2 * n_params + 2  # mu, nu per array, 2 counts
+    assert len(jax.tree.leaves(states[0], is_leaf=lambda x: x is None)) < len(
+        jax.tree.leaves(states[1], is_leaf=lambda x: x is None)
+    )
+    for step in range(3):
+        grads = jax.tree.map(lambda p, s=step: jnp.sin(p + s), params)
+        if step == 1:  # a cached step: zero design gradient leaves the design state alone
+            grads = eqx.tree_at(lambda g: g.activations[0].design.theta, grads,
+                                jax.tree.map(jnp.zeros_like, grads.activations[0].design.theta))  # fmt: skip
+        out = [opt.update(grads, s, params) for opt, s in zip((joint, reference), states)]
+        for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0]), strict=True):
+            np.testing.assert_allclose(a, b, rtol=1e-6)
+        states = [o[1] for o in out]
+        params = optax.apply_updates(params, out[0][0])
