@@ -14,6 +14,11 @@
   makes every K-th training step live (K = 1: every step) and refreshes the cache.
 - `joint_optimizer`: separate Optax transforms for the weights and the design; the design
   transform is skipped on steps where its gradient is exactly zero (cached steps).
+
+Thermal designs whose devices have no field (no free hk/h_bias, none fixed nonzero, no
+stray-field deviations) rebuild their thermal tables from the closed form of the moment
+equations (`MTJActivation(field_free=True)`: exact, and ~90x cheaper to differentiate than
+the RK4 integration used otherwise).
 - `EnergyLoss`: cross-entropy + weight x (energy per inference / reference energy).
 
 Static solver settings (pulse steps, table grid) are chosen once for the whole design box.

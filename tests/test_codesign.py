@@ -710,9 +710,10 @@ def test_joint_optimizer_matches_a_multi_transform_with_a_small_state():
     for step in range(3):
         grads = jax.tree.map(lambda p, s=step: jnp.sin(p + s), params)
         if step == 1:  # a cached step: zero design gradient leaves the design state alone
-            grads = eqx.tree_at(lambda g: g.activations[0].design.theta, grads,
-                                jax.tree.map(jnp.zeros_like, grads.activations[0].design.theta))  # fmt: skip
-        out = [opt.update(grads, s, params) for opt, s in zip((joint, reference), states)]
+            theta = grads.activations[0].design.theta
+            zero = jax.tree.map(jnp.zeros_like, theta)
+            grads = eqx.tree_at(lambda g: g.activations[0].design.theta, grads, zero)
+        out = [o.update(grads, s, params) for o, s in zip((joint, reference), states, strict=True)]
         for a, b in zip(jax.tree.leaves(out[0][0]), jax.tree.leaves(out[1][0]), strict=True):
             np.testing.assert_allclose(a, b, rtol=1e-6)
         states = [o[1] for o in out]
