@@ -632,7 +632,10 @@ def _chosen_steps(layer: DesignedMTJ) -> tuple[int, int]:
     ladders that the step rule allows (the box's for a traced design)."""
     need, energy = _needed_steps(layer)
     box = layer.template.steps
-    tables = box if layer.fast_steps is None else _rung(need, layer.fast_steps, box)
+    if layer.template.field_free:  # closed-form tables take no steps: keep the count (and
+        tables = layer.rebuild_steps  # the compiled step) as it is
+    else:
+        tables = box if layer.fast_steps is None else _rung(need, layer.fast_steps, box)
     return tables, _rung(energy, layer.energy_fast_steps, layer.energy_box_steps)
 
 

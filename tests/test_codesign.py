@@ -655,6 +655,12 @@ def test_field_free_designs_rebuild_from_the_closed_form():
         layer, p = _field_free_layers()
         ff = layer(Design(p))
         assert ff.template.field_free
+        # no time steps: a design that an RK4 build would need more steps for keeps its
+        # count (and its compiled step)
+        moved = eqx.tree_at(lambda s: s.design, ff, ff.design.with_values({"input_scale": 1.98}))
+        need = float(codesign._needed_steps(moved)[0])
+        assert need > ff.rebuild_steps == codesign.set_live(moved, True).rebuild_steps
+        assert jnp.all(jnp.isfinite(codesign.set_live(moved, True).activation()._tables().coef))
         with_hk = Design(p, DesignSpace((*codesign.DEFAULT_FREE, "hk"), bounds={"hk": (-1e3, 1e3)}))
         with pytest.raises(ValueError, match="hk/h_bias are free"):
             layer(with_hk, field_free=True)
