@@ -668,6 +668,9 @@ def test_field_free_designs_rebuild_from_the_closed_form():
         model = codesign.set_live(MLP((8, 4, 3), ff, key=jax.random.key(0)), True)
         theta = ff.design.theta
         grad = eqx.filter_jit(jax.grad(loss))(theta, model)
+        fwd = eqx.filter_jit(jax.jacfwd(loss))(theta, model)  # forward mode through it too
+        for name in theta:
+            np.testing.assert_allclose(fwd[name], grad[name], rtol=1e-9, atol=1e-15, err_msg=name)
         f = eqx.filter_jit(loss)
         for name in codesign.DEFAULT_FREE:
             h = 1e-5
