@@ -18,7 +18,8 @@ loss (exact design gradient; the paper device is field-free, so its thermal tabl
 their closed form; "live_rk4_moments": integrated by RK4 instead, the way devices with
 fields are built; "live_box_steps": RK4 with the design box's worst-case steps instead of
 the fewer the current design needs; "live_energy": with `EnergyLoss`, so the energy tables
-are rebuilt too, at their own steps), "cached" uses the tables of the last refresh; shared
+are rebuilt too (closed form for the paper device; "live_energy_box_steps": both kinds of
+tables by RK4 at the box's steps), "cached" uses the tables of the last refresh; shared
 device and 256 per-neuron devices (5 % relative deviations, with stray-field offsets: RK4). With
 `DesignSchedule(every=K)` one step in K is live: "amortized" gives (live + (K - 1) cached) / K
 from the measured medians (the refresh after a live step, a forward rebuild, is timed apart

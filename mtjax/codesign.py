@@ -52,6 +52,7 @@ from mtjax.energy import (
     DEFAULT_ENERGY_STEPS,
     EnergyTable,
     ResetModel,
+    energy_field_free_violations,
     energy_table,
     needed_energy_steps,
 )
@@ -395,6 +396,7 @@ class DesignedMTJ(eqx.Module):
     fast_steps: int | None = eqx.field(static=True)  # None: no tables, or fast = box
     energy_fast_steps: int = eqx.field(static=True)
     energy_box_steps: int = eqx.field(static=True)
+    energy_field_free: bool = eqx.field(static=True)  # energy tables in closed form
     inert: tuple[str, ...] = eqx.field(static=True)  # response-inert free variables
     accepts_key = True
 
@@ -422,7 +424,9 @@ class DesignedMTJ(eqx.Module):
         the validated range stops training with an error). `field_free` (mode "thermal"):
         build the thermal tables from their closed form (`MTJActivation`); None chooses it
         when no field variable (hk, h_bias) is free and every device has zero effective
-        field and lambda1 = 1; a live rebuild then costs a small fraction of an RK4 one."""
+        field and lambda1 = 1; a live rebuild then costs a small fraction of an RK4 one.
+        The energy tables likewise (any mode; also lambda2 = 1), unless `field_free` is
+        False."""
         if mode == "ideal":
             raise ValueError("mode='ideal' ignores the device: there is nothing to design")
         if mode == "analytic" and {"hk", "h_bias"} & set(design.space.free):
@@ -436,12 +440,12 @@ class DesignedMTJ(eqx.Module):
         self.reset = ResetModel() if reset is None else reset
         self.v_read, self.t_read = float(v_read), float(t_read)
         devices, scale = self._devices_and_scale(design, deviations)
+        no_fields = not {"hk", "h_bias"} & set(design.space.free)
+        self.energy_field_free = (
+            field_free is not False and no_fields and not energy_field_free_violations(devices)
+        )
         if field_free is None:
-            field_free = (
-                mode == "thermal"
-                and not {"hk", "h_bias"} & set(design.space.free)
-                and not field_free_violations(devices)
-            )
+            field_free = mode == "thermal" and no_fields and not field_free_violations(devices)
         self.template = MTJActivation(
             devices, mode=mode, derivative=derivative, read_noise=read_noise,
             input_scale=scale, z_max=z_max, steps=steps, grid=grid,
@@ -490,8 +494,9 @@ class DesignedMTJ(eqx.Module):
         table = energy_table(
             devices, scale, self.template.grid, reset=self.reset, v_read=self.v_read,
             t_read=self.t_read, m0=self.template.m0, steps=self.energy_steps,
+            field_free=self.energy_field_free,
         )  # fmt: skip
-        if self.energy_steps >= self.energy_box_steps:
+        if self.energy_steps >= self.energy_box_steps or self.energy_field_free:
             return table
         need = needed_energy_steps(devices, self.template.grid.reach * scale, self.reset)
         msg = (
@@ -632,10 +637,13 @@ def _chosen_steps(layer: DesignedMTJ) -> tuple[int, int]:
     ladders that the step rule allows (the box's for a traced design)."""
     need, energy = _needed_steps(layer)
     box = layer.template.steps
-    if layer.template.field_free:  # closed-form tables take no steps: keep the count (and
-        tables = layer.rebuild_steps  # the compiled step) as it is
+    # closed-form tables take no steps: keep their count (and the compiled step) as it is
+    if layer.template.field_free:
+        tables = layer.rebuild_steps
     else:
         tables = box if layer.fast_steps is None else _rung(need, layer.fast_steps, box)
+    if layer.energy_field_free:
+        return tables, layer.energy_steps
     return tables, _rung(energy, layer.energy_fast_steps, layer.energy_box_steps)
 
 

@@ -51,12 +51,15 @@ import jax.numpy as jnp
 import numpy as np
 from jaxtyping import Array, ArrayLike, Float, PRNGKeyArray
 
+from mtjax.analytic import field_free_violations, not_field_free
 from mtjax.constants import TIME_UNIT
 from mtjax.integrators import normalize, required_steps, rk4_step, steps_for, too_coarse
+from mtjax.moments import field_free_pulse, field_free_rotation
 from mtjax.nn.activation import (
     DEFAULT_Z_MAX,
     MTJActivation,
     TableGrid,
+    held_field_free,
     hermite_coefficients,
     hermite_eval,
 )
@@ -82,6 +85,7 @@ __all__ = [
     "NetworkEnergy",
     "ResetModel",
     "activation_energy",
+    "energy_field_free_violations",
     "energy_table",
     "needed_energy_steps",
     "network_energy",
@@ -272,6 +276,40 @@ def _pulse_energy(params: DeviceParams, currents, m_start, duration, n_steps: in
     return y[:3], y[3] * TIME_UNIT
 
 
+def _field_free_pulse_energy(params: DeviceParams, currents, m_start, duration, polarizer):
+    """`_pulse_energy` in closed form for a field-free device (zero effective field,
+    Slonczewski factor 1) driven through `polarizer` alone: m.p = tanh(A t + c0)
+    (`mtjax.moments.field_free_pulse`) and, with k = TMR/(2 + TMR),
+    int dt / (1 + k tanh(A t + c0)) = t (1 - k Q) / (1 - k^2),
+    Q = ln(cosh d + rho sinh d) / d, d = A t, rho = (tanh c0 + k) / (1 + k tanh c0).
+    A state within 1e-6 rad of +-p stays there (R constant)."""
+    j = polarizer - 1
+    c = torque_coefficients(params, currents)
+    p = c.p[j]
+    t1n = duration / TIME_UNIT
+    d = field_free_rotation(c, j, t1n)
+    phi = TIME_UNIT * c.rate * c.v[j] * t1n
+    cos0 = jnp.dot(m_start, p)
+    along = jnp.linalg.norm(m_start - cos0 * p) < 1e-6
+    safe = jnp.where(along, jnp.cross(p, _other_axis(p)), m_start)  # any state off p
+    m, _, c0, _ = field_free_pulse(p, safe, d, phi)
+    tmr = params.tmr1 if polarizer == 1 else params.tmr2
+    k = tmr / (2 + tmr)
+    t0 = jnp.where(along, jnp.sign(cos0), jnp.tanh(c0))
+    rho = (t0 + k) / (1 + k * t0)
+    small = jnp.abs(d) < 1e-3
+    ds = jnp.where(small, 1.0, d)
+    big_q = jnp.log1p(2 * jnp.sinh(ds / 2) ** 2 + rho * jnp.sinh(ds)) / ds
+    big_q = jnp.where(small, rho + 0.5 * d * (1 - rho * rho), big_q)
+    r_dt = duration * (1 - k * big_q) / ((1 - k * k) * mean_conductance(params, polarizer))
+    return jnp.where(along, m_start, m), r_dt
+
+
+def _other_axis(p):
+    """A unit axis not parallel to p."""
+    return jnp.where(jnp.abs(p[0]) < 0.9, jnp.array([1.0, 0.0, 0.0]), jnp.array([0.0, 1.0, 0.0]))
+
+
 def _rotations(params: DeviceParams, currents, duration) -> Array:
     """Rotation bound (rad) of a pulse with |I1|, |I2| = `currents` (A) for `duration` (s),
     per device of `params`."""
@@ -340,13 +378,20 @@ def _check_read(v_read, t_read):
     return _scalar("v_read", v_read, positive=False), _scalar("t_read", t_read, positive=False)
 
 
-def _one_activation(params, current, m0, reset, v_read, t_read, n_write, n_reset):
-    """`EnergyBreakdown` of one device at a P1 current (A); all arguments checked."""
+def _one_activation(
+    params, current, m0, reset, v_read, t_read, n_write, n_reset, field_free: bool = False
+):
+    """`EnergyBreakdown` of one device at a P1 current (A); all arguments checked.
+    `field_free`: both pulses in closed form (`_field_free_pulse_energy`; no steps)."""
     zero = jnp.zeros_like(current)
+
+    def pulse(currents, m_start, duration, n_steps, polarizer):
+        if field_free:
+            return _field_free_pulse_energy(params, currents, m_start, duration, polarizer)
+        return _pulse_energy(params, currents, m_start, duration, n_steps, polarizer)
+
     # write
-    m, r1_dt = _pulse_energy(
-        params, jnp.stack([current, zero]), m0, params.pulse_duration, n_write, 1
-    )
+    m, r1_dt = pulse(jnp.stack([current, zero]), m0, params.pulse_duration, n_write, 1)
     e_write = current * current * r1_dt
     # read (state after the write, before the reset)
     g1, g2 = conductance(params, m, 1), conductance(params, m, 2)
@@ -355,7 +400,7 @@ def _one_activation(params, current, m0, reset, v_read, t_read, n_write, n_reset
     # reset
     t_reset = reset.time(params)
     i2 = reset_current(params, reset, m)
-    m_end, r2_dt = _pulse_energy(params, jnp.stack([zero, i2]), m, t_reset, n_reset, 2)
+    m_end, r2_dt = pulse(jnp.stack([zero, i2]), m, t_reset, n_reset, 2)
     e_reset = i2 * i2 * r2_dt
     s2 = m_end[0] ** 2 + m_end[1] ** 2
     pos = s2 > 0
@@ -466,12 +511,16 @@ def energy_table(
     t_read: Float[ArrayLike, ""] = DEFAULT_T_READ,
     m0: Float[ArrayLike, "*batch 3"] | None = None,
     steps: int | None = None,
+    field_free: bool = False,
 ) -> EnergyTable:
     """Tabulate the per-activation energy of every device of `params` (one, or a 1-D batch)
     against the pre-activation z (I1 = z * `input_scale`, A per unit z) on `grid` (default
     `TableGrid.for_devices(params, input_scale, z_max)`, the grid `MTJActivation` uses).
     Cubic Hermite interpolation as the response tables. Pure and differentiable w.r.t.
-    params, input_scale and the reset model. Other arguments: `activation_energy`."""
+    params, input_scale and the reset model. Other arguments: `activation_energy`.
+    `field_free`: both pulses in closed form (devices with zero effective field and
+    lambda1 = lambda2 = 1; others raise, and so does differentiating w.r.t. those fields):
+    exact, no RK4 steps (`steps` unused)."""
     if not isinstance(params, DeviceParams):
         raise TypeError(f"params: expected DeviceParams, got {type(params).__name__}")
     if len(params.batch_shape) > 1:
@@ -490,24 +539,46 @@ def energy_table(
     n_reset = _steps(
         params, jnp.stack([zero, _max_reset_current(params, reset)]), reset.time(params), steps
     )
+    if field_free and (bad := energy_field_free_violations(params)):
+        raise ValueError(f"field_free: these params are not field-free ({', '.join(bad)})")
     coef, latency = _energy_table(params, input_scale, grid, reset, v_read, t_read, m0,
-                                  n_write, n_reset)  # fmt: skip
+                                  n_write, n_reset, bool(field_free))  # fmt: skip
     return EnergyTable(coef=coef, grid=grid, latency=latency)
 
 
+def energy_field_free_violations(params: DeviceParams) -> list[str]:
+    """Why the closed-form energy (`energy_table(field_free=True)`) does not describe
+    `params`: `mtjax.analytic.field_free_violations`, and lambda2 = 1 (the reset pulse)."""
+    bad = field_free_violations(params)
+    if not isinstance(params.lambda2, jax.core.Tracer) and np.any(np.asarray(params.lambda2) != 1):
+        bad.append("lambda2 != 1")
+    return bad
+
+
 @eqx.filter_jit
-def _energy_table(params, input_scale, grid, reset, v_read, t_read, m0, n_write, n_reset):
+def _energy_table(
+    params, input_scale, grid, reset, v_read, t_read, m0, n_write, n_reset, field_free=False
+):
     zs = grid.nodes()
+    if field_free:
+        params = held_field_free(params, with_lambda2=True)
 
     def one_device(p, m):
         def node(z):
-            e = _one_activation(p, z * input_scale, m, reset, v_read, t_read, n_write, n_reset)
+            e = _one_activation(p, z * input_scale, m, reset, v_read, t_read, n_write, n_reset,
+                                field_free)  # fmt: skip
             return jnp.stack([getattr(e, name) for name in TABLE_CURVES])
 
         latency = p.pulse_duration + t_read + reset.time(p)
-        return hermite_coefficients(jax.vmap(node)(zs)), latency
+        bad = not_field_free(p) | (p.lambda2 != 1) if field_free else jnp.zeros((), bool)
+        return hermite_coefficients(jax.vmap(node)(zs)), latency, bad
 
-    return over_devices(one_device, params, m0)
+    coef, latency, bad = over_devices(one_device, params, m0)
+    coef = eqx.error_if(
+        coef, jnp.any(bad), "energy tables (field_free=True): a device has hk, demag or "
+        "h_bias != 0 or lambda1/lambda2 != 1; the closed form does not describe it",
+    )  # fmt: skip
+    return coef, latency
 
 
 class NetworkEnergy(eqx.Module):

@@ -136,6 +136,27 @@ def _sinhc(x):
     return jnp.where(small, 1.0 + x * x / 6.0, jnp.sinh(safe) / safe)
 
 
+def field_free_rotation(c: TorqueCoefficients, polarizer: int, t1n):
+    """Damping-like rotation A t towards P(polarizer + 1) of a field-free pulse of t1n ns
+    (tan(theta/2) shrinks by exp(-A t); Slonczewski factor 1)."""
+    return TIME_UNIT * c.rate * c.w[polarizer] * t1n
+
+
+def field_free_pulse(p, m0, at, phi):
+    """Noise-free state after a field-free pulse through polarizer p: polar rotation `at`
+    (`field_free_rotation`) and precession `phi` (rad) about p, from m0 (not along p).
+    Returns (m, x, c0, e): m = tanh(x) p + sech(x) e with x = at + c0, c0 = artanh(m0.p)
+    (as ln((1 + m0.p) / |m0 - (m0.p) p|), exact near p), e the unit azimuthal direction."""
+    cos0 = jnp.dot(m0, p)
+    side = m0 - cos0 * p
+    norm = jnp.linalg.norm(side)
+    e0 = side / norm
+    c0 = jnp.log((1 + cos0) / norm)
+    e = jnp.cos(phi) * e0 + jnp.sin(phi) * jnp.cross(p, e0)
+    x = at + c0
+    return jnp.tanh(x) * p + e / jnp.cosh(x), x, c0, e
+
+
 def field_free_moments(c: TorqueCoefficients, m0, t1n):
     """Closed form of `moments_scan` for a device with zero effective field (hk = 0,
     demag = 0, h_bias = 0), Slonczewski lambda1 = 1 and a constant P1 drive only: the
@@ -153,20 +174,10 @@ def field_free_moments(c: TorqueCoefficients, m0, t1n):
     delta = sech(x) K e_theta - V/2 m - U sech(x)/2 e, where sech(x) K is the shift of theta
     (K integrates its source A V/2 + q cot(theta)/2 over sin theta; closed form below).
     Tests check all three against `moments_scan`."""
-    p = c.p[0]
-    big_a = TIME_UNIT * c.rate * c.w[0]  # 1/ns: damping-like rate towards p
-    big_b = TIME_UNIT * c.rate * c.v[0]  # 1/ns: precession about p
+    p, at, t = c.p[0], field_free_rotation(c, 0, t1n), t1n
     q = TIME_UNIT * c.noise**2 * (1 + c.alpha**2)
-    cos0 = jnp.dot(m0, p)
-    side = m0 - cos0 * p
-    e0 = side / jnp.linalg.norm(side)
-    c0 = jnp.arctanh(cos0)
-    t = t1n
-    at, phi = big_a * t, big_b * t
-    e = jnp.cos(phi) * e0 + jnp.sin(phi) * jnp.cross(p, e0)
-    x = at + c0
+    m, x, c0, e = field_free_pulse(p, m0, at, TIME_UNIT * c.rate * c.v[0] * t)
     th, sh = jnp.tanh(x), 1 / jnp.cosh(x)
-    m = th * p + sh * e
     e_theta = -sh * p + th * e
     u = 0.5 * q * t * (1 + jnp.cosh(2 * c0 + at) * _sinhc(at))
     v = sh * sh * u

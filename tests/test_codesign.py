@@ -678,6 +678,18 @@ def test_field_free_designs_rebuild_from_the_closed_form():
                   - f({**theta, name: theta[name] - h}, model)) / (2 * h)  # fmt: skip
             assert abs(float(grad[name]) - float(fd)) <= 1e-5 * abs(float(fd)) + 1e-12, name
             assert name == "eta1" or abs(float(fd)) > 1e-6, name  # eta1: calibrated, inert
+        # the energy tables too (closed form; lambda2 = 1), with exact design gradients
+        assert ff.energy_field_free
+        zs = jnp.linspace(-2.5, 2.5, 5)
+        live = codesign.set_live(ff, True)
+        energy = eqx.filter_jit(lambda th: 1e12 * jnp.sum(
+            eqx.tree_at(lambda s: s.design.theta, live, th).energy_per_neuron(zs)))  # fmt: skip
+        e_grad = eqx.filter_jit(jax.grad(energy))(theta)
+        for name in codesign.DEFAULT_FREE:
+            h = 1e-5
+            fd = (energy({**theta, name: theta[name] + h})
+                  - energy({**theta, name: theta[name] - h})) / (2 * h)  # fmt: skip
+            assert abs(float(e_grad[name]) - float(fd)) <= 1e-5 * abs(float(fd)) + 1e-9, name
 
 
 @pytest.mark.slow  # ~1 min: builds four designs and compiles the RK4 live gradient in x64
@@ -691,7 +703,7 @@ def test_field_free_and_rk4_rebuilds_give_the_same_design_gradient():
         loss = _field_free_loss()
         grads = []
         rk4 = layer(Design(p), field_free=False)
-        assert not rk4.template.field_free
+        assert not rk4.template.field_free and not rk4.energy_field_free
         for lay in (layer(Design(p)), rk4):
             model = codesign.set_live(MLP((8, 4, 3), lay, key=jax.random.key(0)), True)
             grads.append(eqx.filter_jit(jax.grad(loss))(lay.design.theta, model))

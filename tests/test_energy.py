@@ -301,3 +301,60 @@ def test_energy_report_script_quick(tmp_path):
     rows = saved["per_activation"]["resets"]["fixed, 1 ns (default)"]
     assert [r["write"] for r in rows][0] == 0.0
     assert all(r["residual_angle"] <= 0.01 for r in rows)
+
+
+def _odd_device():
+    return mtjax.DeviceParams.paper(xi1=0.3, xi2=-0.1, alpha=0.05, tmr1=2.0, tmr2=0.8)
+
+
+def test_field_free_energy_tables_equal_converged_rk4_and_their_gradients_fd():
+    # the closed-form write and reset pulses against RK4 at 2000 steps, and the gradient of
+    # the tabulated total against central finite differences (x64)
+    with jax.enable_x64(True):
+        tilted = jnp.array([0.1, -0.2, 0.97])
+        cases = ((PAPER, None, E.ResetModel()),
+                 (_odd_device(), tilted, E.ResetModel(adaptive=True)))  # fmt: skip
+        for p, m0, reset in cases:
+            scale = mtjax.current_scale(p)
+            grid = TableGrid.for_devices(p, scale, 3.0, 33)
+            kw = dict(reset=reset, m0=m0)
+            exact = E.energy_table(p, scale, grid, field_free=True, **kw)
+            rk4 = E.energy_table(p, scale, grid, steps=2000, **kw)
+            for k, name in enumerate(E.TABLE_CURVES):
+                ref = rk4.coef[..., k, :]
+                # RK4's error at 2000 steps: ~1e-9 relative in energies, ~4e-9 rad in angles
+                tol = 1e-8 if name in ("residual_angle", "read_disturb") else 1e-8 * float(
+                    jnp.max(jnp.abs(ref)))  # fmt: skip
+                np.testing.assert_allclose(exact.coef[..., k, :], ref, atol=tol, err_msg=name)
+        zs = jnp.linspace(-2.5, 2.5, 7)
+        names = ("diameter_x", "thickness", "Ms", "alpha", "pulse_duration", "eta1", "eta2",
+                 "xi1", "tmr1", "tmr2", "ra1", "ra2")  # fmt: skip
+        p0 = _odd_device()
+        scale = mtjax.current_scale(p0)
+        grid = TableGrid.for_devices(p0, scale, 3.0, 33)
+
+        def total(vals):
+            p = p0.replace(**dict(zip(names, vals, strict=True)))
+            return jnp.sum(E.energy_table(p, scale, grid, field_free=True).total(zs)) * 1e12
+
+        vals = [getattr(p0, n) for n in names]
+        grad = jax.grad(total)(vals)
+        for i, name in enumerate(names):
+            h = 1e-6 * float(vals[i])
+            up = [v + h if j == i else v for j, v in enumerate(vals)]
+            down = [v - h if j == i else v for j, v in enumerate(vals)]
+            fd = (total(up) - total(down)) / (2 * h)
+            assert abs(float(grad[i]) - float(fd)) <= 1e-6 * abs(float(fd)) + 1e-9, name
+
+
+def test_field_free_energy_is_refused_where_it_does_not_hold():
+    scale = mtjax.current_scale(PAPER)
+    for bad, what in (({"hk": 10.0}, "hk != 0"), ({"lambda2": 1.3}, "lambda2 != 1")):
+        with pytest.raises(ValueError, match=what):
+            E.energy_table(PAPER.replace(**bad), scale, field_free=True)
+    grid = TableGrid.for_devices(PAPER, scale, 3.0, 33)
+    build = eqx.filter_jit(lambda p: E.energy_table(p, scale, grid, field_free=True, steps=64).coef)
+    with pytest.raises(Exception, match="field_free"):  # traced: refused at run time
+        jax.block_until_ready(build(PAPER.replace(h_bias=(0.0, 0.0, 30.0))))
+    with pytest.raises(ValueError, match="no derivative"):
+        jax.grad(lambda hk: jnp.sum(build(PAPER.replace(hk=hk))))(0.0)

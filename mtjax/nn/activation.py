@@ -457,14 +457,22 @@ def _held_jvp(primals, tangents):
 
     if not all(isinstance(t, SymbolicZero) for t in jax.tree.leaves(tangents[0])):
         raise ValueError(
-            "field_free=True: the closed-form thermal tables have no derivative with respect "
-            "to hk, demag, h_bias or lambda1; build with field_free=False to differentiate "
-            "with respect to them"
+            "field_free=True: the closed-form tables (thermal, energy) have no derivative with "
+            "respect to hk, demag, h_bias or lambda1/lambda2; build with field_free=False to "
+            "differentiate with respect to them"
         )
     return primals[0], tangents[0]
 
 
 _held.defjvp(_held_jvp, symbolic_zeros=True)
+
+
+def held_field_free(params: DeviceParams, with_lambda2: bool = False) -> DeviceParams:
+    """`params` whose field leaves (hk, demag, h_bias, lambda1, and lambda2 if asked) raise
+    ValueError when differentiated: the field-free closed forms have no derivative there."""
+    names = ("hk", "demag", "h_bias", "lambda1") + (("lambda2",) if with_lambda2 else ())
+    held = _held(tuple(getattr(params, n) for n in names))
+    return params.replace(**dict(zip(names, held, strict=True)))
 
 
 @eqx.filter_jit
@@ -478,8 +486,7 @@ def _moment_nodes(params, input_scale, grid: TableGrid, steps, m0, field_free: b
     model closed over by `jax.jit`), XLA's constant folding otherwise turned the gradient
     of these statistics w.r.t. diameter and thickness into NaN (tested)."""
     if field_free:
-        held = _held((params.hk, params.demag, params.h_bias, params.lambda1))
-        params = params.replace(hk=held[0], demag=held[1], h_bias=held[2], lambda1=held[3])
+        params = held_field_free(params)
     params, input_scale, m0 = jax.lax.optimization_barrier((params, input_scale, m0))
     zs = grid.nodes()
 
