@@ -574,9 +574,12 @@ def _energy_table(
         return hermite_coefficients(jax.vmap(node)(zs)), latency, bad
 
     coef, latency, bad = over_devices(one_device, params, m0)
+    if field_free:  # sinh of the rotation overflows float32 beyond ~88
+        bad = jnp.any(bad) | ~jnp.all(jnp.isfinite(coef))
     coef = eqx.error_if(
         coef, jnp.any(bad), "energy tables (field_free=True): a device has hk, demag or "
-        "h_bias != 0 or lambda1/lambda2 != 1; the closed form does not describe it",
+        "h_bias != 0 or lambda1/lambda2 != 1, or the drive overflows the closed form; use "
+        "field_free=False",
     )  # fmt: skip
     return coef, latency
 

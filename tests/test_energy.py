@@ -358,3 +358,5 @@ def test_field_free_energy_is_refused_where_it_does_not_hold():
         jax.block_until_ready(build(PAPER.replace(h_bias=(0.0, 0.0, 30.0))))
     with pytest.raises(ValueError, match="no derivative"):
         jax.grad(lambda hk: jnp.sum(build(PAPER.replace(hk=hk))))(0.0)
+    with pytest.raises(Exception, match="overflows"):  # sinh(A t) beyond float32
+        jax.block_until_ready(E.energy_table(PAPER, 30 * scale, grid, field_free=True).coef)

@@ -303,6 +303,9 @@ def test_field_free_is_refused_where_it_does_not_hold():
     coef = lambda hk: act.with_devices(hot.replace(hk=hk), act.input_scale).rebuild().table.coef  # noqa: E731
     with pytest.raises(ValueError, match="no derivative"):
         jax.grad(lambda hk: jnp.sum(coef(hk)))(0.0)
+    # a drive far beyond the tables' range overflows the closed form: refused, not NaN
+    with pytest.raises(Exception, match="overflows"):
+        MTJActivation(hot, mode="thermal", field_free=True, input_scale=10 * act.input_scale)
     # a reset state along P1 has no azimuth
     along = eqx.tree_at(lambda a: a.m0, act, jnp.array([1.0, 0.0, 0.0]))
     with pytest.raises(Exception, match="along P1"):

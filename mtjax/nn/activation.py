@@ -510,7 +510,8 @@ def _moment_nodes(params, input_scale, grid: TableGrid, steps, m0, field_free: b
 
         if field_free:  # no time steps; the closed form's own conditions instead
             along_p1 = jnp.abs(m_start @ pol[0]) > 1 - 1e-6
-            return jax.vmap(one_node)(zs), not_field_free(p) | along_p1
+            nodes = jax.vmap(one_node)(zs)  # cosh(A t) overflows float32 at A t ~ 44
+            return nodes, not_field_free(p) | along_p1 | ~jnp.all(jnp.isfinite(nodes))
         # the run-time step guard of `pulse_response`, at the largest drive of the grid
         c_max = torque_coefficients(p, jnp.stack([zs[-1] * input_scale, jnp.zeros_like(t1n)]))
         coarse = too_coarse(rotation_rate_bound(c_max) * p.pulse_duration, steps, "rk4_scan")
@@ -520,7 +521,8 @@ def _moment_nodes(params, input_scale, grid: TableGrid, steps, m0, field_free: b
     if field_free:
         msg = (
             "thermal tables (field_free=True): a device has hk, demag or h_bias != 0, "
-            "lambda1 != 1, or a reset state along P1; the closed form does not describe it "
+            "lambda1 != 1, or a reset state along P1, or the drive overflows the closed form "
+            "(rotation A t beyond ~40); the closed form does not describe it "
             "(field_free=False)"
         )
     else:
