@@ -13,7 +13,7 @@ import numpy as np
 from jaxtyping import Array, ArrayLike, Float
 
 from mtjax.params import DeviceParams
-from mtjax.physics import gamma0, stt_amplitude, unit
+from mtjax.physics import gamma0, sech, stt_amplitude, unit
 
 
 def field_free_violations(params: DeviceParams) -> list[str]:
@@ -84,8 +84,8 @@ def analytic_response(params: DeviceParams, current: ArrayLike) -> Float[Array, 
             f"these params have {', '.join(bad)} (use pulse_response)"
         )
     u, psi = pulse_angles(params, current)
-    sech = 1 / jnp.cosh(u)
-    return jnp.stack([jnp.tanh(u), -sech * jnp.sin(psi), sech * jnp.cos(psi)])
+    s = sech(u)
+    return jnp.stack([jnp.tanh(u), -s * jnp.sin(psi), s * jnp.cos(psi)])
 
 
 def current_scale(params: DeviceParams) -> Float[Array, "*batch"]:

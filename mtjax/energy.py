@@ -297,10 +297,23 @@ def _field_free_pulse_energy(params: DeviceParams, currents, m_start, duration, 
     k = tmr / (2 + tmr)
     t0 = jnp.where(along, jnp.sign(cos0), jnp.tanh(c0))
     rho = (t0 + k) / (1 + k * t0)
-    small = jnp.abs(d) < 1e-3
-    ds = jnp.where(small, 1.0, d)
-    big_q = jnp.log1p(2 * jnp.sinh(ds / 2) ** 2 + rho * jnp.sinh(ds)) / ds
-    big_q = jnp.where(small, rho + 0.5 * d * (1 - rho * rho), big_q)
+    # ln(cosh d + rho sinh d) / d: a series below |d| = 1e-3, log1p below |d| = 1, and
+    # beyond, sign(d) + ln(w+ + w- exp(-2|d|)) / d with w+- = (1 +- rho sign d) / 2 (no
+    # overflow for any drive; w+ = 0 only for a state exactly opposite the drive)
+    small, mid = jnp.abs(d) < 1e-3, jnp.abs(d) < 1
+    dm = jnp.where(small | ~mid, 0.5, d)
+    dl = jnp.where(mid, 1.0, d)
+    rs = rho * jnp.sign(dl)
+    tail = jnp.maximum(0.5 * (1 + rs) + 0.5 * (1 - rs) * jnp.exp(-2 * jnp.abs(dl)), 1e-30)
+    big_q = jnp.where(
+        small,
+        rho + 0.5 * d * (1 - rho * rho),
+        jnp.where(
+            mid,
+            jnp.log1p(2 * jnp.sinh(dm / 2) ** 2 + rho * jnp.sinh(dm)) / dm,
+            jnp.sign(dl) + jnp.log(tail) / dl,
+        ),
+    )
     r_dt = duration * (1 - k * big_q) / ((1 - k * k) * mean_conductance(params, polarizer))
     return jnp.where(along, m_start, m), r_dt
 
@@ -574,12 +587,9 @@ def _energy_table(
         return hermite_coefficients(jax.vmap(node)(zs)), latency, bad
 
     coef, latency, bad = over_devices(one_device, params, m0)
-    if field_free:  # sinh of the rotation overflows float32 beyond ~88
-        bad = jnp.any(bad) | ~jnp.all(jnp.isfinite(coef))
     coef = eqx.error_if(
         coef, jnp.any(bad), "energy tables (field_free=True): a device has hk, demag or "
-        "h_bias != 0 or lambda1/lambda2 != 1, or the drive overflows the closed form; use "
-        "field_free=False",
+        "h_bias != 0 or lambda1/lambda2 != 1; use field_free=False",
     )  # fmt: skip
     return coef, latency
 

@@ -28,7 +28,7 @@ from jaxtyping import Array, ArrayLike, Float
 from mtjax.constants import TIME_UNIT
 from mtjax.integrators import normalize
 from mtjax.params import DeviceParams
-from mtjax.physics import TorqueCoefficients, torque_coefficients
+from mtjax.physics import TorqueCoefficients, sech, torque_coefficients
 from mtjax.solve import as_drive, drift_ns, initial_state
 
 
@@ -154,7 +154,7 @@ def field_free_pulse(p, m0, at, phi):
     c0 = jnp.log((1 + cos0) / norm)
     e = jnp.cos(phi) * e0 + jnp.sin(phi) * jnp.cross(p, e0)
     x = at + c0
-    return jnp.tanh(x) * p + e / jnp.cosh(x), x, c0, e
+    return jnp.tanh(x) * p + sech(x) * e, x, c0, e
 
 
 def field_free_moments(c: TorqueCoefficients, m0, t1n):
@@ -163,31 +163,28 @@ def field_free_moments(c: TorqueCoefficients, m0, t1n):
     same (m_det, delta, Sigma) of one lane, exact in the linear-noise approximation (no
     time steps). The caller checks those conditions; see `field_free_violations`.
 
-    In polar coordinates about p = P1 (theta from p, phi around it) the torque is
-    -A m x (m x p) - B m x p, so theta' = -A sin theta and phi' = B, and the thermal
-    term is Brownian motion on the sphere with diffusion q = noise^2 (1 + alpha^2): with
-    x = A t + c0, c0 = artanh(m0.p), cos theta = tanh x and sin theta = sech x. The
-    tangent fluctuations are isotropic: Sigma = V (I - m m^T) with V = sech^2(x) U and
-    U = q int_0^t cosh^2(A s + c0) ds = q t/2 [1 + cosh(2 c0 + A t) sinhc(A t)] (the
-    azimuth's variance). With e the unit azimuthal direction (m = tanh(x) p + sech(x) e) and
-    e_theta = -sech(x) p + tanh(x) e, the mean shift is
-    delta = sech(x) K e_theta - V/2 m - U sech(x)/2 e, where sech(x) K is the shift of theta
-    (K integrates its source A V/2 + q cot(theta)/2 over sin theta; closed form below).
-    Tests check all three against `moments_scan`."""
+    In polar coordinates about p = P1 (theta from p) the torque is -A m x (m x p) - B m x p,
+    so theta' = -A sin theta and the azimuth precesses at B; the thermal term is Brownian
+    motion on the sphere with diffusion q = noise^2 (1 + alpha^2). With x = A t + c0,
+    c0 = artanh(m0.p), cos theta = tanh x. The tangent fluctuations are isotropic,
+    Sigma = V (I - m m^T), and the mean shrinks along m, delta = -V m, with
+    V = sech^2(x) q int_0^t cosh^2(A s + c0) ds
+      = q t/2 sech^2(x) [1 + cosh(2 c0 + A t) sinhc(A t)]      (used for |A t| < 1)
+      = q t/2 [sech^2(x) + (tanh x - sech^2(x) sinh(2 c0)/2) / (A t)]   (beyond: no
+    exponentials, finite for any drive; V -> q / (2A), the Ornstein-Uhlenbeck variance
+    at the pole). Tests check all three against `moments_scan`."""
     p, at, t = c.p[0], field_free_rotation(c, 0, t1n), t1n
     q = TIME_UNIT * c.noise**2 * (1 + c.alpha**2)
-    m, x, c0, e = field_free_pulse(p, m0, at, TIME_UNIT * c.rate * c.v[0] * t)
-    th, sh = jnp.tanh(x), 1 / jnp.cosh(x)
-    e_theta = -sh * p + th * e
-    u = 0.5 * q * t * (1 + jnp.cosh(2 * c0 + at) * _sinhc(at))
-    v = sh * sh * u
-    k = 0.25 * q * t * (
-        th - jnp.sinh(c0) * _sinhc(at) * sh
-        + jnp.cosh(c0 + 0.5 * at) * _sinhc(0.5 * at) * (jnp.sinh(x) + jnp.sinh(c0))
-    )  # fmt: skip
-    delta = sh * k * e_theta - 0.5 * v * m - 0.5 * u * sh * e
+    m, _, c0, _ = field_free_pulse(p, m0, at, TIME_UNIT * c.rate * c.v[0] * t)
+    small = jnp.abs(at) < 1
+    a_s = jnp.where(small, at, 0.0)  # each branch sees finite inputs (finite gradients)
+    a_l = jnp.where(small, 1.0, at)
+    sh_s, sh_l = sech(a_s + c0), sech(a_l + c0)
+    near = sh_s**2 * (1 + jnp.cosh(2 * c0 + a_s) * _sinhc(a_s))
+    far = sh_l**2 + (jnp.tanh(a_l + c0) - 0.5 * sh_l**2 * jnp.sinh(2 * c0)) / a_l
+    v = 0.5 * q * t * jnp.where(small, near, far)
     sigma = v * (jnp.eye(3, dtype=m.dtype) - jnp.outer(m, m))
-    return m, delta, sigma
+    return m, -v * m, sigma
 
 
 def pulse_moments(

@@ -34,6 +34,13 @@ def unit(v: Float[ArrayLike, "... 3"]) -> Float[Array, "... 3"]:
     return v / jnp.linalg.norm(v, axis=-1, keepdims=True)
 
 
+def sech(x: Float[ArrayLike, "*shape"]) -> Float[Array, "*shape"]:
+    """1 / cosh(x) with a finite value and gradient for any finite x (1 / jnp.cosh's
+    gradient is NaN beyond |x| ~ 89 in float32)."""
+    e = jnp.exp(-jnp.abs(jnp.asarray(x)))
+    return 2 * e / (1 + e * e)
+
+
 def gamma0(params: DeviceParams) -> Float[Array, ""]:
     """gamma * mu0 (m / (A s))."""
     return params.gamma * MU0

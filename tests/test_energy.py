@@ -358,5 +358,58 @@ def test_field_free_energy_is_refused_where_it_does_not_hold():
         jax.block_until_ready(build(PAPER.replace(h_bias=(0.0, 0.0, 30.0))))
     with pytest.raises(ValueError, match="no derivative"):
         jax.grad(lambda hk: jnp.sum(build(PAPER.replace(hk=hk))))(0.0)
-    with pytest.raises(Exception, match="overflows"):  # sinh(A t) beyond float32
-        jax.block_until_ready(E.energy_table(PAPER, 30 * scale, grid, field_free=True).coef)
+
+
+def test_field_free_pulse_energy_holds_for_any_drive_in_float32():
+    # rotations A t far beyond float32's sinh/cosh (~89): float32 equals the x64 closed form
+    # (value and gradient w.r.t. the current), and x64 equals RK4 converged at A t ~ 40,
+    # through P1 (from +z) and P2 (from a tilted state, against and along the drive)
+    from mtjax.constants import TIME_UNIT
+    from mtjax.moments import field_free_rotation
+    from mtjax.physics import torque_coefficients
+
+    p = _odd_device()
+    scale = mtjax.current_scale(p)
+    cases = [(1, (0.0, 0.0, 1.0)), (2, (0.3, 0.1, -0.9)), (2, (0.1, -0.2, 0.97))]
+
+    def pulse(i, m0, polarizer, dtype, steps=None):
+        m0 = jnp.asarray(m0, dtype) / jnp.linalg.norm(jnp.asarray(m0, dtype))
+        q = p.replace(**{k: jnp.asarray(getattr(p, k), dtype) for k in ("Ms", "thickness")})
+        currents = jnp.zeros(2, dtype).at[polarizer - 1].set(i * scale)
+        if steps:
+            return E._pulse_energy(q, currents, m0, q.pulse_duration, steps, polarizer)
+        return E._field_free_pulse_energy(q, currents, m0, q.pulse_duration, polarizer)
+
+    def rotation(i, polarizer):
+        c = torque_coefficients(p, jnp.zeros(2).at[polarizer - 1].set(i * scale))
+        return float(field_free_rotation(c, polarizer - 1, p.pulse_duration / TIME_UNIT))
+
+    def r_dt(i, m0, polarizer, dtype):
+        return pulse(i, m0, polarizer, dtype)[1] * 1e9
+
+    for polarizer, m0 in cases:
+        unit = rotation(1.0, polarizer)
+        drives = [a / unit for a in (0.5, -3.0, 40.0, -95.0, 300.0, -2e4)]
+        with jax.enable_x64(True):
+            i40 = jnp.float64(-40 / unit)
+            want40 = pulse(i40, m0, polarizer, jnp.float64, steps=20000)
+            got40 = pulse(i40, m0, polarizer, jnp.float64)
+            np.testing.assert_allclose(got40[0], want40[0], atol=1e-9)
+            np.testing.assert_allclose(got40[1], want40[1], rtol=1e-9)
+            want = [jax.tree.map(np.asarray, pulse(jnp.float64(i), m0, polarizer, jnp.float64))
+                    for i in drives]  # fmt: skip
+            dwant = [np.asarray(jax.grad(r_dt)(jnp.float64(i), m0, polarizer, jnp.float64))
+                     for i in drives]  # fmt: skip
+        for i, w, dw in zip(drives, want, dwant, strict=True):
+            what = f"P{polarizer}, A t = {i * unit:.3g}"
+            m, rdt = pulse(jnp.float32(i), m0, polarizer, jnp.float32)
+            assert m.dtype == rdt.dtype == jnp.float32
+            np.testing.assert_allclose(m, w[0], atol=2e-6, err_msg=what)
+            np.testing.assert_allclose(rdt, w[1], rtol=2e-5, err_msg=what)
+            dg = jax.grad(r_dt)(jnp.float32(i), m0, polarizer, jnp.float32)
+            assert jnp.isfinite(dg), what
+            np.testing.assert_allclose(dg, dw, rtol=1e-4, atol=1e-6 * abs(float(dw)) + 1e-12,
+                                       err_msg=what)  # fmt: skip
+    table = E.energy_table(PAPER, 30 * scale, TableGrid.for_devices(PAPER, 30 * scale, 3.0, 33),
+                           field_free=True)  # fmt: skip
+    assert bool(jnp.all(jnp.isfinite(table.coef)))

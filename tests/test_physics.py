@@ -70,6 +70,21 @@ def test_paper_device_tanh_sech(xi):
         assert float(jnp.max(jnp.abs(psi))) > 0.5  # psi matters: the check is not vacuous
 
 
+def test_sech_and_the_closed_form_are_finite_at_any_drive():
+    # 1 / jnp.cosh has a NaN gradient beyond |u| ~ 89 in float32; physics.sech does not
+    from mtjax.physics import sech
+
+    x = jnp.array([0.0, 0.7, -20.0, 95.0, -400.0, 1e6])
+    with np.errstate(over="ignore"):  # float64 reference: cosh(1e6) = inf, its inverse 0
+        ch = np.cosh(np.asarray(x, np.float64))
+        want, dwant = 1 / ch, -np.tanh(np.asarray(x, np.float64)) / ch
+    np.testing.assert_allclose(sech(x), want, rtol=1e-6, atol=1e-30)
+    np.testing.assert_allclose(jax.vmap(jax.grad(sech))(x), dwant, rtol=1e-6, atol=1e-30)
+    p = mtjax.DeviceParams.paper(xi1=0.2)
+    jac = jax.jacrev(lambda i: mtjax.analytic_response(p, i))(100 * mtjax.current_scale(p))
+    assert bool(jnp.all(jnp.isfinite(jac)))
+
+
 def test_sign_convention_positive_current_drives_to_plus_p1():
     p = mtjax.DeviceParams.paper(p1=(0.0, 1.0, 0.0))
     m = mtjax.pulse_response(p, 2 * mtjax.current_scale(p))
