@@ -15,10 +15,10 @@
 - `joint_optimizer`: separate Optax transforms for the weights and the design; the design
   transform is skipped on steps where its gradient is exactly zero (cached steps).
 
-Thermal designs whose devices have no field (no free hk/h_bias, none fixed nonzero, no
-stray-field deviations) rebuild their thermal tables from the closed form of the moment
-equations (`MTJActivation(field_free=True)`: exact, and ~90x cheaper to differentiate than
-the RK4 integration used otherwise).
+Table and thermal designs whose devices have no field (no free hk/h_bias, none fixed
+nonzero, no stray-field deviations) rebuild their tables from the closed form of the pulse
+and its moment equations (`MTJActivation(field_free=True)`: exact, and ~90x cheaper to
+differentiate than the RK4 integration used otherwise).
 - `EnergyLoss`: cross-entropy + weight x (energy per inference / reference energy).
 
 Static solver settings (pulse steps, table grid) are chosen once for the whole design box.
@@ -421,10 +421,11 @@ class DesignedMTJ(eqx.Module):
         that change only the energy (not the response) are allowed; otherwise they raise
         ValueError, since their gradient would be structurally zero. `thermal_std_limit`: as
         `MTJActivation` (mode "thermal"; checked at every rebuild, so a design moved out of
-        the validated range stops training with an error). `field_free` (mode "thermal"):
-        build the thermal tables from their closed form (`MTJActivation`); None chooses it
-        when no field variable (hk, h_bias) is free and every device has zero effective
-        field and lambda1 = 1; a live rebuild then costs a small fraction of an RK4 one.
+        the validated range stops training with an error). `field_free` (modes "table" and
+        "thermal"): build the response tables from their closed form (`MTJActivation`); None
+        chooses it when no field variable (hk, h_bias) is free and every device has zero
+        effective field and lambda1 = 1; a live rebuild then costs a small fraction of an
+        RK4 one.
         The energy tables likewise (any mode; also lambda2 = 1), unless `field_free` is
         False."""
         if mode == "ideal":
@@ -445,7 +446,9 @@ class DesignedMTJ(eqx.Module):
             field_free is not False and no_fields and not energy_field_free_violations(devices)
         )
         if field_free is None:
-            field_free = mode == "thermal" and no_fields and not field_free_violations(devices)
+            field_free = (
+                mode in ("table", "thermal") and no_fields and not field_free_violations(devices)
+            )
         self.template = MTJActivation(
             devices, mode=mode, derivative=derivative, read_noise=read_noise,
             input_scale=scale, z_max=z_max, steps=steps, grid=grid,
@@ -635,16 +638,17 @@ def _needed_steps(layer: DesignedMTJ) -> tuple[Array, Array]:
 def _chosen_steps(layer: DesignedMTJ) -> tuple[int, int]:
     """(rebuild_steps, energy_steps) for the current design: the lowest rungs of the step
     ladders that the step rule allows (the box's for a traced design)."""
+    # closed-form tables take no steps: keep their counts (and the compiled step) as they are
+    tables, energy_steps = layer.rebuild_steps, layer.energy_steps
+    if layer.template.field_free and layer.energy_field_free:
+        return tables, energy_steps
     need, energy = _needed_steps(layer)
-    box = layer.template.steps
-    # closed-form tables take no steps: keep their count (and the compiled step) as it is
-    if layer.template.field_free:
-        tables = layer.rebuild_steps
-    else:
+    if not layer.template.field_free:
+        box = layer.template.steps
         tables = box if layer.fast_steps is None else _rung(need, layer.fast_steps, box)
-    if layer.energy_field_free:
-        return tables, layer.energy_steps
-    return tables, _rung(energy, layer.energy_fast_steps, layer.energy_box_steps)
+    if not layer.energy_field_free:
+        energy_steps = _rung(energy, layer.energy_fast_steps, layer.energy_box_steps)
+    return tables, energy_steps
 
 
 def _with_chosen_steps(layer: DesignedMTJ) -> DesignedMTJ:

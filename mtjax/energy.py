@@ -587,9 +587,11 @@ def _energy_table(
         return hermite_coefficients(jax.vmap(node)(zs)), latency, bad
 
     coef, latency, bad = over_devices(one_device, params, m0)
+    if field_free:
+        bad = jnp.any(bad) | ~jnp.all(jnp.isfinite(coef))
     coef = eqx.error_if(
         coef, jnp.any(bad), "energy tables (field_free=True): a device has hk, demag or "
-        "h_bias != 0 or lambda1/lambda2 != 1; use field_free=False",
+        "h_bias != 0 or lambda1/lambda2 != 1, or non-finite energies; use field_free=False",
     )  # fmt: skip
     return coef, latency
 

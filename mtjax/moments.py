@@ -146,12 +146,13 @@ def field_free_pulse(p, m0, at, phi):
     """Noise-free state after a field-free pulse through polarizer p: polar rotation `at`
     (`field_free_rotation`) and precession `phi` (rad) about p, from m0 (not along p).
     Returns (m, x, c0, e): m = tanh(x) p + sech(x) e with x = at + c0, c0 = artanh(m0.p)
-    (as ln((1 + m0.p) / |m0 - (m0.p) p|), exact near p), e the unit azimuthal direction."""
+    (as ln((1 + m0.p) / s) = ln(s / (1 - m0.p)), s = |m0 - (m0.p) p|, whichever has no
+    cancellation: exact near +p and -p), e the unit azimuthal direction."""
     cos0 = jnp.dot(m0, p)
     side = m0 - cos0 * p
     norm = jnp.linalg.norm(side)
     e0 = side / norm
-    c0 = jnp.log((1 + cos0) / norm)
+    c0 = jnp.where(cos0 >= 0, jnp.log((1 + cos0) / norm), jnp.log(norm / (1 - cos0)))
     e = jnp.cos(phi) * e0 + jnp.sin(phi) * jnp.cross(p, e0)
     x = at + c0
     return jnp.tanh(x) * p + sech(x) * e, x, c0, e

@@ -1,8 +1,9 @@
-"""Helpers for tests and examples: synthetic data written in the real on-disk formats.
+"""Helpers for tests and examples: synthetic data written in the real on-disk formats, and
+finite differences for gradient checks.
 
 `write_idx` writes Fashion-MNIST's IDX files; `write_cifar100_python` writes the
 ``cifar-100-python`` files the way the originals were written (Python 2 cPickle, protocol 2).
-`mtjax.data` reads both.
+`mtjax.data` reads both. `central_difference` is the reference of gradient checks.
 """
 
 from __future__ import annotations
@@ -10,18 +11,33 @@ from __future__ import annotations
 import gzip
 import os
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mtjax.fileio import atomic_write_bytes
 
-__all__ = ["py2_pickle", "write_cifar100_python", "write_idx"]
+__all__ = ["central_difference", "py2_pickle", "write_cifar100_python", "write_idx"]
 
 StrPath = str | os.PathLike[str]
 
 _CIFAR_PIXELS = 3 * 32 * 32
+
+
+def central_difference(f: Callable[[Any], Any], x: Any, key: Any, h: float) -> float:
+    """(f(x with x[key] + h) - f(x with x[key] - h)) / (2 h) as a float: `x` a dict, a list
+    or tuple (`key` an index), or a `DeviceParams` (`key` a field name)."""
+
+    def moved(step):
+        if hasattr(x, "replace"):
+            return x.replace(**{key: getattr(x, key) + step})
+        if isinstance(x, dict):
+            return {**x, key: x[key] + step}
+        return type(x)(v + step if j == key else v for j, v in enumerate(x))
+
+    return (float(f(moved(h))) - float(f(moved(-h)))) / (2 * h)
 
 
 def write_idx(path: StrPath, array: np.ndarray) -> Path:

@@ -14,6 +14,7 @@ import mtjax
 from mtjax import codesign, train
 from mtjax.codesign import Design, DesignedMTJ, DesignSchedule, DesignSpace, EnergyLoss
 from mtjax.nn import MLP, MTJActivation
+from mtjax.testing import central_difference
 
 PAPER = mtjax.DeviceParams.paper()
 
@@ -111,10 +112,7 @@ def test_loss_and_energy_gradients_match_finite_differences(mode):
         _, grad = vg(theta)
         f = eqx.filter_jit(loss)
         for name in codesign.DEFAULT_FREE:
-            h = 1e-5
-            plus = {**theta, name: theta[name] + h}
-            minus = {**theta, name: theta[name] - h}
-            fd = (f(plus) - f(minus)) / (2 * h)
+            fd = central_difference(f, theta, name, 1e-5)
             assert abs(float(grad[name]) - float(fd)) <= 1e-3 * abs(float(fd)) + 1e-9, name
 
 
@@ -673,9 +671,7 @@ def test_field_free_designs_rebuild_from_the_closed_form():
             np.testing.assert_allclose(fwd[name], grad[name], rtol=1e-9, atol=1e-15, err_msg=name)
         f = eqx.filter_jit(loss)
         for name in codesign.DEFAULT_FREE:
-            h = 1e-5
-            fd = (f({**theta, name: theta[name] + h}, model)
-                  - f({**theta, name: theta[name] - h}, model)) / (2 * h)  # fmt: skip
+            fd = central_difference(lambda th: f(th, model), theta, name, 1e-5)
             assert abs(float(grad[name]) - float(fd)) <= 1e-5 * abs(float(fd)) + 1e-12, name
             assert name == "eta1" or abs(float(fd)) > 1e-6, name  # eta1: calibrated, inert
         # the energy tables too (closed form; lambda2 = 1), with exact design gradients
@@ -686,10 +682,32 @@ def test_field_free_designs_rebuild_from_the_closed_form():
             eqx.tree_at(lambda s: s.design.theta, live, th).energy_per_neuron(zs)))  # fmt: skip
         e_grad = eqx.filter_jit(jax.grad(energy))(theta)
         for name in codesign.DEFAULT_FREE:
-            h = 1e-5
-            fd = (energy({**theta, name: theta[name] + h})
-                  - energy({**theta, name: theta[name] - h})) / (2 * h)  # fmt: skip
+            fd = central_difference(energy, theta, name, 1e-5)
             assert abs(float(e_grad[name]) - float(fd)) <= 1e-5 * abs(float(fd)) + 1e-9, name
+
+
+def test_table_designs_rebuild_from_the_closed_form_too():
+    # at T = 0 ("table"), a field-free design's response tables come from the closed-form
+    # pulse: equal to the RK4 tables at the box's steps to their error, and the live design
+    # gradient matches central finite differences (x64)
+    with jax.enable_x64(True):
+        p = mtjax.DeviceParams.paper()
+        layer = lambda **kw: DesignedMTJ(Design(p), mode="table", n_grid=65, energy=True, **kw)  # noqa: E731
+        ff, rk4 = layer(), layer(field_free=False)
+        assert ff.template.field_free and not rk4.template.field_free
+        np.testing.assert_allclose(ff.activation()._tables().coef,
+                                   rk4.activation()._tables().coef, atol=1e-6)  # fmt: skip
+        loss = _field_free_loss()
+        model = codesign.set_live(MLP((8, 4, 3), ff, key=jax.random.key(0)), True)
+        theta = ff.design.theta
+        grad = eqx.filter_jit(jax.grad(loss))(theta, model)
+        f = eqx.filter_jit(loss)
+        for name in codesign.DEFAULT_FREE:
+            fd = central_difference(lambda th: f(th, model), theta, name, 1e-5)
+            assert abs(float(grad[name]) - float(fd)) <= 1e-5 * abs(float(fd)) + 1e-12, name
+        # at T = 0 only the gain moves the field-free response (the others: energy only)
+        assert ff.inert == ("diameter", "eta1", "pulse_duration", "thickness")
+        assert abs(float(grad["input_scale"])) > 1e-3  # the check is not vacuous
 
 
 @pytest.mark.slow  # ~1 min: builds four designs and compiles the RK4 live gradient in x64

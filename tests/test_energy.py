@@ -16,6 +16,7 @@ import mtjax
 from mtjax import energy as E
 from mtjax.nn import MLP, HeadedClassifier, MTJActivation, TableGrid
 from mtjax.readout import conductance, mean_conductance
+from mtjax.testing import central_difference
 
 PAPER = mtjax.DeviceParams.paper()
 I_S = float(mtjax.current_scale(PAPER))
@@ -340,10 +341,7 @@ def test_field_free_energy_tables_equal_converged_rk4_and_their_gradients_fd():
         vals = [getattr(p0, n) for n in names]
         grad = jax.grad(total)(vals)
         for i, name in enumerate(names):
-            h = 1e-6 * float(vals[i])
-            up = [v + h if j == i else v for j, v in enumerate(vals)]
-            down = [v - h if j == i else v for j, v in enumerate(vals)]
-            fd = (total(up) - total(down)) / (2 * h)
+            fd = central_difference(total, vals, i, 1e-6 * float(vals[i]))
             assert abs(float(grad[i]) - float(fd)) <= 1e-6 * abs(float(fd)) + 1e-9, name
 
 

@@ -11,6 +11,7 @@ from mtjax.constants import GAMMA0, KB, MU0
 from mtjax.moments import pulse_moments
 from mtjax.nn import MTJActivation, TableGrid
 from mtjax.nn.activation import build_noise_table, hermite_eval
+from mtjax.testing import central_difference
 
 PAPER = mtjax.DeviceParams.paper()
 Z13 = np.linspace(-3.0, 3.0, 13)
@@ -109,9 +110,7 @@ def test_tabulated_std_gradients_match_finite_differences():
         loss = jax.jit(lambda p: jnp.sum(w * stds(p)))
         grads = jax.jit(jax.grad(loss))(p0)
         for name in ("diameter_x", "thickness", "Ms", "alpha", "pulse_duration", "temperature"):
-            v = float(getattr(p0, name))
-            h = 1e-4 * v
-            fd = (loss(p0.replace(**{name: v + h})) - loss(p0.replace(**{name: v - h}))) / (2 * h)
+            fd = central_difference(loss, p0, name, 1e-4 * float(getattr(p0, name)))
             assert abs(float(getattr(grads, name)) / float(fd) - 1) < 1e-3, name
 
 
@@ -266,37 +265,46 @@ def test_field_free_moments_hold_for_any_drive_in_float32():
 
     p, m0, _ = _field_free_cases()[1]
     zs = (0.3, 0.99, 1.01, -5.0, 15.0, -30.0, 60.0, -200.0, 1e4)
+    # float32 starts (x64 takes the same numbers): tilted, and 0.01 rad from -P1
+    p1 = np.asarray(p.p1, np.float64) / np.linalg.norm(p.p1)
+    side = np.cross(p1, [0.0, 0.0, 1.0])
+    starts = [np.asarray(m0, np.float64) / np.linalg.norm(m0),
+              -np.cos(0.01) * p1 + np.sin(0.01) * side / np.linalg.norm(side)]  # fmt: skip
+    starts = [s.astype(np.float32) for s in starts]
 
-    def moments(z, dtype, steps=None):
+    def moments(z, dtype, steps=None, start=starts[0]):
         q = p.replace(**{k: jnp.asarray(getattr(p, k), dtype) for k in ("Ms", "thickness")})
         c = torque_coefficients(q, jnp.stack([z * mtjax.current_scale(q), 0.0 * z]))
-        start = jnp.asarray(m0, dtype) / jnp.linalg.norm(jnp.asarray(m0, dtype))
+        start = jnp.asarray(start, dtype)
         t1n = jnp.asarray(p.pulse_duration / TIME_UNIT, dtype)
         if steps:
             return moments_scan(c, start, t1n, steps), field_free_rotation(c, 0, t1n)
         return field_free_moments(c, start, t1n), field_free_rotation(c, 0, t1n)
 
-    def v_of(z, dtype):  # the tangent variance
-        (m, _, sigma), _ = moments(z, dtype)
+    def v_of(z, dtype, start):  # the tangent variance
+        (m, _, sigma), _ = moments(z, dtype, start=start)
         return jnp.trace(sigma) / 2
 
     with jax.enable_x64(True):
-        want = jax.tree.map(np.asarray, [moments(jnp.float64(z), jnp.float64) for z in zs])
-        dwant = [np.asarray(jax.grad(v_of)(jnp.float64(z), jnp.float64)) for z in zs]
         (ref, at) = moments(jnp.float64(-40 / 1.06), jnp.float64, steps=20000)
         got = moments(jnp.float64(-40 / 1.06), jnp.float64)[0]
         assert 30 < abs(float(at)) < 50
         for g, w in zip(got, ref, strict=True):
             np.testing.assert_allclose(g, w, atol=1e-9 * float(jnp.max(jnp.abs(w))))
-    for z, ((w, at), dw) in zip(zs, zip(want, dwant, strict=True), strict=True):
-        g, _ = moments(jnp.float32(z), jnp.float32)
-        for name, a, b in zip(("m", "delta", "Sigma"), g, w, strict=True):
-            assert a.dtype == jnp.float32
-            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6 * float(np.max(np.abs(b))),
-                                       err_msg=f"{name} A t = {float(at):.3g}")  # fmt: skip
-        dg = jax.grad(v_of)(jnp.float32(z), jnp.float32)
-        assert jnp.isfinite(dg)
-        np.testing.assert_allclose(dg, dw, rtol=1e-4, err_msg=f"dV/dz, A t = {float(at):.3g}")
+    for start in starts:
+        with jax.enable_x64(True):
+            want = [jax.tree.map(np.asarray, moments(jnp.float64(z), jnp.float64, start=start))
+                    for z in zs]  # fmt: skip
+            dwant = [np.asarray(jax.grad(v_of)(jnp.float64(z), jnp.float64, start)) for z in zs]
+        for z, ((w, at), dw) in zip(zs, zip(want, dwant, strict=True), strict=True):
+            g, _ = moments(jnp.float32(z), jnp.float32, start=start)
+            for name, a, b in zip(("m", "delta", "Sigma"), g, w, strict=True):
+                assert a.dtype == jnp.float32
+                np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6 * float(np.max(np.abs(b))),
+                                           err_msg=f"{name} A t = {float(at):.3g}")  # fmt: skip
+            dg = jax.grad(v_of)(jnp.float32(z), jnp.float32, start)
+            assert jnp.isfinite(dg)
+            np.testing.assert_allclose(dg, dw, rtol=1e-4, err_msg=f"dV/dz, A t = {float(at):.3g}")
 
 
 def test_field_free_tables_and_their_gradients_are_exact():
@@ -310,7 +318,7 @@ def test_field_free_tables_and_their_gradients_are_exact():
         p0 = PAPER.replace(temperature=300.0, xi1=0.2)
         act = MTJActivation(p0, mode="thermal", n_grid=33)
         scale, m0 = jnp.asarray(act.input_scale), jnp.asarray(act.m0)
-        w = jax.random.normal(jax.random.key(0), (act.grid.n_grid + 4, 5))
+        w = jax.random.normal(jax.random.key(0), (act.grid.n_grid + 4, 7))
 
         def stats(vals, field_free, steps=1):
             p = p0.replace(**dict(zip(names, vals, strict=True)))
@@ -318,13 +326,10 @@ def test_field_free_tables_and_their_gradients_are_exact():
 
         vals = [getattr(p0, n) for n in names]
         np.testing.assert_allclose(stats(vals, True), stats(vals, False, 2000), atol=1e-8)
-        loss = lambda v: jnp.sum(w * stats(v, True)[:, 2:])  # noqa: E731
+        loss = lambda v: jnp.sum(w * stats(v, True))  # noqa: E731 (response and noise)
         grad = jax.grad(loss)(vals)
         for i, name in enumerate(names):
-            h = 1e-5 * float(vals[i])
-            up = [v + h if j == i else v for j, v in enumerate(vals)]
-            down = [v - h if j == i else v for j, v in enumerate(vals)]
-            fd = (loss(up) - loss(down)) / (2 * h)
+            fd = central_difference(loss, vals, i, 1e-5 * float(vals[i]))
             assert abs(float(grad[i]) / float(fd) - 1) < 1e-6, name
 
 
@@ -332,8 +337,8 @@ def test_field_free_is_refused_where_it_does_not_hold():
     hot = PAPER.replace(temperature=300.0)
     with pytest.raises(ValueError, match="hk != 0"):
         MTJActivation(hot.replace(hk=10.0), mode="thermal", field_free=True)
-    with pytest.raises(ValueError, match="mode='thermal'"):
-        MTJActivation(hot, mode="table", field_free=True)
+    with pytest.raises(ValueError, match="only modes 'table' and 'thermal'"):
+        MTJActivation(hot, mode="ode", field_free=True)
     act = MTJActivation(hot, mode="thermal", field_free=True)
     assert act.field_free and act.rebuild().field_free
     rebuild = eqx.filter_jit(lambda a, p: a.with_devices(p, a.input_scale).rebuild().table.coef)

@@ -39,7 +39,7 @@ Modes (same API, different fidelity and speed):
   while the thermal spread is small (README). `field_free=True` (devices with zero
   effective field and lambda1 = 1) takes the statistics from their closed form
   (`mtjax.moments.field_free_moments`) instead of RK4: exact, and far cheaper to rebuild
-  and differentiate (co-design uses it whenever the design allows).
+  and differentiate (co-design uses it whenever the design allows; "table" too).
 - "analytic": closed form m.p1 = tanh(u), m.p2 = sech(u) cos(psi) with the per-device
   (u, psi) of `mtjax.pulse_angles` (per-device gain u/z = input_scale / I_s(device) and
   precession psi/u; no offset: the closed form assumes zero effective field).
@@ -511,7 +511,8 @@ def _moment_nodes(params, input_scale, grid: TableGrid, steps, m0, field_free: b
 
         if field_free:  # no time steps; the closed form's own conditions instead
             along_p1 = jnp.abs(m_start @ pol[0]) > 1 - 1e-6
-            return jax.vmap(one_node)(zs), not_field_free(p) | along_p1
+            nodes = jax.vmap(one_node)(zs)  # (finite for any finite drive; NaN params not)
+            return nodes, not_field_free(p) | along_p1 | ~jnp.all(jnp.isfinite(nodes))
         # the run-time step guard of `pulse_response`, at the largest drive of the grid
         c_max = torque_coefficients(p, jnp.stack([zs[-1] * input_scale, jnp.zeros_like(t1n)]))
         coarse = too_coarse(rotation_rate_bound(c_max) * p.pulse_duration, steps, "rk4_scan")
@@ -520,9 +521,9 @@ def _moment_nodes(params, input_scale, grid: TableGrid, steps, m0, field_free: b
     out, bad = over_devices(one_device, params, m0)
     if field_free:
         msg = (
-            "thermal tables (field_free=True): a device has hk, demag or h_bias != 0, "
-            "lambda1 != 1, or a reset state along P1; the closed form does not describe it "
-            "(field_free=False)"
+            "response tables (field_free=True): a device has hk, demag or h_bias != 0, "
+            "lambda1 != 1, or a reset state along P1, or non-finite statistics; the closed "
+            "form does not describe it (field_free=False)"
         )
     else:
         msg = (
@@ -726,10 +727,10 @@ class MTJActivation(eqx.Module):
         `thermal_std_limit`: "thermal" refuses devices whose read-out std (`thermal_std`)
         exceeds it anywhere on the grid, where the Gaussian approximation is not validated
         (README; use mode="sde"); None accepts them (checked on concrete params only).
-        `field_free`: "thermal" builds its tables from the closed form of devices with zero
-        effective field and lambda1 = 1 (`mtjax.moments.field_free_moments`: exact, no RK4
-        steps); other devices raise, and so does differentiating with respect to hk, demag,
-        h_bias or lambda1."""
+        `field_free`: "table" and "thermal" build their tables from the closed form of
+        devices with zero effective field and lambda1 = 1 (`mtjax.moments.field_free_moments`:
+        exact, no RK4 steps); other devices raise, and so does differentiating with respect
+        to hk, demag, h_bias or lambda1."""
         params = DeviceParams.paper() if params is None else params
         if not isinstance(params, DeviceParams):
             raise TypeError(f"params: expected DeviceParams, got {type(params).__name__}")
@@ -750,8 +751,8 @@ class MTJActivation(eqx.Module):
                 f"mode='analytic': the closed form does not describe these params "
                 f"({', '.join(bad)}); use mode='table' or 'ode'"
             )
-        if field_free and mode != "thermal":
-            raise ValueError(f"field_free: only mode='thermal' uses it, not {mode!r}")
+        if field_free and mode not in ("table", "thermal"):
+            raise ValueError(f"field_free: only modes 'table' and 'thermal' use it, not {mode!r}")
         if field_free and (bad := field_free_violations(params)):
             raise ValueError(f"field_free: these params are not field-free ({', '.join(bad)})")
         if input_scale is None:
@@ -850,8 +851,8 @@ class MTJActivation(eqx.Module):
         return out
 
     def _tables_at(self, steps: int, table: ResponseTable | None = None) -> ResponseTable:
-        """`_tables` with `steps` RK4 steps per pulse."""
-        if self.mode != "thermal":
+        """`_tables` with `steps` RK4 steps per pulse (`field_free`: none, closed forms)."""
+        if self.mode != "thermal" and (table is not None or not self.field_free):
             if table is None:
                 table = build_table(
                     self.params, self.input_scale, solver=self.solver, steps=steps,
@@ -863,14 +864,15 @@ class MTJActivation(eqx.Module):
             jnp.asarray(M_UP if self.m0 is None else self.m0), (*self.params.batch_shape, 3)
         )
         nodes = _moment_nodes(self.params, input_scale, self.grid, steps, m0, self.field_free)
-        stats = nodes[..., 2:]
         if table is None:
             det = nodes[..., :2]
             table = _checked_resolution(
                 ResponseTable(hermite_coefficients_over(det), self.grid),
                 jnp.max(jnp.abs(fourth_difference(jnp.moveaxis(det, -2, 0)))),
             )
-        stats = self._checked_spread(stats)
+        if self.mode != "thermal":  # "table", field-free: the noise-free curves only
+            return table
+        stats = self._checked_spread(nodes[..., 2:])
         noise = hermite_coefficients_over(sampling_curves(stats))
         means = table.coef + noise[..., :2, :]  # exact at T = 0 (zero shifts)
         coef = jnp.concatenate([table.coef, means, noise[..., 2:, :]], axis=-2)
