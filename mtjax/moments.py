@@ -101,7 +101,13 @@ def _moment_rhs(c: TorqueCoefficients, state):
 
 def moments_scan(c: TorqueCoefficients, m0, t1n, n_steps: int):
     """RK4 of (m_det, delta, Sigma) of one lane from m0 over t1n ns (vmap for batches).
-    Returns (m_det, delta, Sigma) at t1n."""
+    Returns (m_det, delta, Sigma) at t1n.
+
+    After each step Sigma is projected on the tangent plane of m_det, (I - m m^T) Sigma
+    (I - m m^T): the exact Sigma stays there (the drift is tangent, so m^T J = -f^T and
+    d(Sigma m)/dt = J Sigma m), and without it the step error's normal part dominated the
+    tiny variance of m.p near saturation (m.p1's std at |z| = 6.5: 184 % off at the
+    response's 19 steps; 0.05 % with it, paper device, tested)."""
     h = t1n / n_steps
     # RK4 as a scan over its four stages: the (large) right-hand side appears once in the
     # program, which keeps compile times of forward and reverse passes short
@@ -121,7 +127,9 @@ def moments_scan(c: TorqueCoefficients, m0, t1n, n_steps: int):
         zeros = jax.tree.map(jnp.zeros_like, state)
         (acc, _), _ = jax.lax.scan(stage, (zeros, zeros), (stage_a, stage_b))
         m, delta, sigma = jax.tree.map(lambda s, d: s + h * d, state, acc)
-        return (normalize(m), delta, 0.5 * (sigma + sigma.T)), None
+        m = normalize(m)
+        tangent = jnp.eye(3, dtype=m.dtype) - jnp.outer(m, m)
+        return (m, delta, tangent @ (0.5 * (sigma + sigma.T)) @ tangent), None
 
     zero = jnp.zeros_like(m0)
     state0 = (m0, zero, jnp.zeros((3, 3), m0.dtype))

@@ -393,7 +393,7 @@ def test_rebuilds_use_fewer_steps_while_the_design_allows_them(thermal_model):
         assert chosen.rebuild_steps == n and codesign.refresh(lay).rebuild_steps == n
         got, off = live(chosen), at(lay, other)
         np.testing.assert_array_equal(got, at(lay, n))
-        assert float(jnp.max(jnp.abs(got - off))) > 1e-5
+        assert float(jnp.max(jnp.abs(got - off))) > 1e-7  # another count: other tables
         # the energy table: its own ladder and step rule, the same choice
         e_ladder = codesign.step_ladder(layer.energy_fast_steps, layer.energy_box_steps)
         n_e = chosen.energy_steps
