@@ -167,8 +167,8 @@ def _settings(act):
         text += f", {act.solver} {act.steps} steps"
     if act.mode in ("table", "thermal"):
         text += f", {act.n_grid} nodes, cubic Hermite"
-    if act.mode == "thermal" and act.field_free:
-        text += ", closed-form statistics"
+    if act.field_free:
+        text += ", closed-form tables"
     if act.n_devices:
         text += f", {act.n_devices} devices"
     return text
