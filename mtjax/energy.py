@@ -292,10 +292,10 @@ def _field_free_pulse_energy(params: DeviceParams, currents, m_start, duration, 
     cos0 = jnp.dot(m_start, p)
     along = jnp.linalg.norm(m_start - cos0 * p) < 1e-6
     safe = jnp.where(along, jnp.cross(p, _other_axis(p)), m_start)  # any state off p
-    m, _, c0, _ = field_free_pulse(p, safe, d, phi)
+    m = field_free_pulse(p, safe, d, phi)[0]
     tmr = params.tmr1 if polarizer == 1 else params.tmr2
     k = tmr / (2 + tmr)
-    t0 = jnp.where(along, jnp.sign(cos0), jnp.tanh(c0))
+    t0 = jnp.clip(cos0, -1.0, 1.0)  # m.p at the start (= tanh c0 off p)
     rho = (t0 + k) / (1 + k * t0)
     # ln(cosh d + rho sinh d) / d: a series below |d| = 1e-3, log1p below |d| = 1, and
     # beyond, sign(d) + ln(w+ + w- exp(-2|d|)) / d with w+- = (1 +- rho sign d) / 2 (no

@@ -458,7 +458,7 @@ def _held_jvp(primals, tangents):
 
     if not all(isinstance(t, SymbolicZero) for t in jax.tree.leaves(tangents[0])):
         raise ValueError(
-            "field_free=True: the closed-form tables (thermal, energy) have no derivative with "
+            "field_free=True: the closed-form tables (response, energy) have no derivative with "
             "respect to hk, demag, h_bias or lambda1/lambda2; build with field_free=False to "
             "differentiate with respect to them"
         )
