@@ -61,7 +61,7 @@ from mtjax.nn.activation import (
     TableGrid,
     held_field_free,
     hermite_coefficients,
-    hermite_eval,
+    hermite_curves,
 )
 from mtjax.nn.cnn import HeadedClassifier
 from mtjax.nn.models import MLP, apply_activation
@@ -494,8 +494,7 @@ class EnergyTable(eqx.Module):
         """`EnergyBreakdown` at pre-activations `z` (clipped to +-z_max like the activation;
         for a batch of devices z has shape (n,), one per device)."""
         z = self._checked(z)
-        y = hermite_eval(self.coef, self.grid, z)
-        write, reset, read, residual, i2, disturb = jnp.moveaxis(y, -1, 0)
+        write, reset, read, residual, i2, disturb = hermite_curves(self.coef, self.grid, z)
         latency = jnp.broadcast_to(self.latency, z.shape)
         return _breakdown(write, reset, read, latency, residual, i2, disturb)
 
@@ -505,7 +504,7 @@ class EnergyTable(eqx.Module):
         scatters a sixth of the coefficients."""
         z = self._checked(z)
         coef = jnp.sum(self.coef[..., :3, :], axis=-2, keepdims=True)
-        return hermite_eval(coef, self.grid, z)[..., 0]
+        return hermite_curves(coef, self.grid, z)[0]
 
 
 def _clip(z, z_max: float):

@@ -314,3 +314,52 @@ def test_imperfect_reset_offsets_the_response():
         MTJActivation(PAPER, m0=m0, mode="analytic")
     with pytest.raises(ValueError, match="m0"):
         MTJActivation(PAPER, m0=jnp.zeros(3))
+
+
+@pytest.mark.parametrize("per_neuron", [False, True])
+def test_table_interpolation_by_scalar_gathers_matches_the_cubic_in_value_and_derivatives(
+    per_neuron,
+):
+    """`hermite_curves` gathers scalars for the value and rows when the table is
+    differentiated (custom jvp): value, jvp and gradients (table and z) must all be those of
+    the plain cubic c0 + c1 t + c2 t^2 + c3 t^3 on the located interval."""
+    from mtjax.nn.activation import TableGrid, hermite_curves, hermite_eval
+
+    with jax.enable_x64(True):
+        grid = TableGrid(6.0, 33, 0.5)
+        n, k = 5, 3
+        shape = (n, grid.n_grid - 1, k, 4) if per_neuron else (grid.n_grid - 1, k, 4)
+        coef = jax.random.normal(jax.random.key(0), shape, jnp.float64)
+        z = jnp.array([-5.9, -1.3, 0.0, 0.07, 4.2])
+        w = jax.random.normal(jax.random.key(1), (n, k), jnp.float64)
+
+        def reference(c, z):
+            i, t = grid.locate(z)
+            rows = c[jnp.arange(n), i] if per_neuron else c[i]
+            powers = t[:, None, None] ** jnp.arange(4)
+            return jnp.sum(rows * powers, axis=-1)  # (n, k)
+
+        i, t = (np.asarray(a) for a in grid.locate(z))
+        rows = np.asarray(coef)[np.arange(n), i] if per_neuron else np.asarray(coef)[i]
+        np.testing.assert_allclose(
+            hermite_eval(coef, grid, z), np.sum(rows * t[:, None, None] ** np.arange(4), -1),
+            rtol=1e-13, atol=1e-14,
+        )  # fmt: skip
+        picked = jnp.stack(hermite_curves(coef, grid, z, (2, 0)), axis=-1)
+        np.testing.assert_allclose(picked, reference(coef, z)[:, [2, 0]], rtol=1e-13, atol=1e-14)
+
+        def loss(f):
+            return lambda c, z: jnp.sum(w * f(c, z))
+
+        ours = lambda c, z: hermite_eval(c, grid, z)  # noqa: E731
+        for argnum in (0, 1):
+            np.testing.assert_allclose(
+                jax.grad(loss(ours), argnum)(coef, z),
+                jax.grad(loss(reference), argnum)(coef, z), rtol=1e-12, atol=1e-12,
+            )  # fmt: skip
+        d_coef = jax.random.normal(jax.random.key(2), shape, jnp.float64)
+        for tangents in ((d_coef, jnp.zeros_like(z)), (jnp.zeros_like(coef), jnp.ones_like(z))):
+            np.testing.assert_allclose(
+                jax.jvp(ours, (coef, z), tangents)[1],
+                jax.jvp(reference, (coef, z), tangents)[1], rtol=1e-12, atol=1e-12,
+            )  # fmt: skip
