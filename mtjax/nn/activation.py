@@ -210,8 +210,6 @@ def hermite_curves(
         coef = coef.reshape(-1, *coef.shape[2:])
     if curves is not None:
         coef = coef[:, tuple(curves), :]
-    # the barrier keeps XLA from recomputing the location (a log) in every gather
-    i, t = jax.lax.optimization_barrier((i, t))
     return _cubic_curves(coef, i, t)
 
 
@@ -651,21 +649,17 @@ def _thermal_sample(table: ResponseTable, z: Array, key, with_p2: bool):
     """One correlated Gaussian draw of both read-outs from the sampling curves of a thermal
     table: (m.p1, m.p2) = mean + L e, e from `mtjax.draws.normals(key, (2, *z.shape))`
     (m.p2 None if not `with_p2`; m.p1 is the same either way)."""
-    # The optimization barriers (identities) make XLA draw e once (otherwise both read-outs
-    # recompute its hash and inverse CDF) and keep it from re-gathering the coefficients in
-    # the backward pass to recompute m.p2 (a 784-256-10 training step ~3 % and ~10 % faster).
     # m.p1's two curves are gathered apart from m.p2's: a gradient reaching the table (live
     # co-design) then scatters 2 curves per evaluation instead of 5 (the step ~20 % faster).
     coef, grid = table.coef, table.grid
     where = grid.locate(z)
     e = normals(key, (2, *z.shape), z.dtype)
     mean1, l11 = hermite_curves(coef, grid, z, (2, 4), where)
-    if not with_p2:
-        return mean1 + jnp.maximum(l11, 0.0) * e[0], None
-    e = jax.lax.optimization_barrier(e)
     p1 = mean1 + jnp.maximum(l11, 0.0) * e[0]
+    if not with_p2:
+        return p1, None
     m2, l21, l22 = hermite_curves(coef, grid, z, (3, 5, 6), where)
-    return jax.lax.optimization_barrier((p1, m2 + l21 * e[0] + jnp.maximum(l22, 0.0) * e[1]))
+    return p1, m2 + l21 * e[0] + jnp.maximum(l22, 0.0) * e[1]
 
 
 def _read(params: DeviceParams, proj: Array, polarizer: int, read_noise: float, noise):
