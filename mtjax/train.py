@@ -731,6 +731,9 @@ def _manager(root: Path, config: TrainConfig | None = None):
         read_only=not writing,
         cleanup_tmp_directories=writing,
     )
+    # orbax's array writer refuses a relative path (ValueError "Checkpoint path should be
+    # absolute" from tensorstore's kvstore spec; `scripts/train.py` writes under runs/)
+    root = Path(root).absolute()
     return ocp.CheckpointManager(root, options=options, item_names=(_HEADER_ITEM, *_ARRAY_ITEMS))
 
 

@@ -248,6 +248,19 @@ def test_resume_mid_epoch_is_bit_identical(tmp_path):
         )  # fmt: skip
 
 
+def test_relative_run_directory_checkpoints_and_resumes(tmp_path, monkeypatch):
+    """`scripts/train.py` writes under the relative runs/: orbax's array writer refuses a
+    relative path, so the checkpoint manager must get an absolute one."""
+    monkeypatch.chdir(tmp_path)
+    a = run(Path("runs/a"), stop_after_steps=6)
+    assert not a.completed and (tmp_path / "runs/a/checkpoints").is_dir()
+    header, _ = train.load_checkpoint(Path("runs/a"))
+    assert header["step"] == 6
+    b = run(Path("runs/a"), resume=True)
+    assert b.completed and b.step == 16
+    assert_tree_equal(b.model, run(tmp_path / "ref").model)
+
+
 def test_resume_after_a_real_kill_is_bit_identical(tmp_path):
     """SIGKILL a training process (possibly mid-checkpoint); resuming gives the same run."""
     cfg = train.TrainConfig(**{**CFG.__dict__, "epochs": 4, "checkpoint_every": 1})
