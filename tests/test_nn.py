@@ -316,6 +316,37 @@ def test_imperfect_reset_offsets_the_response():
         MTJActivation(PAPER, m0=jnp.zeros(3))
 
 
+def test_table_lookups_get_kernels_of_their_own_on_cpu_only():
+    """`own_kernel`: on CPU the table coordinates and the thermal draws stay conditionals
+    after compilation (the fusion boundary the speed-up rests on), values and gradients are
+    those of the plain function, and other platforms get the plain function."""
+    from mtjax.nn.activation import _thermal_sample, own_kernel
+
+    act = MTJActivation(PAPER, mode="thermal")
+    z = jnp.linspace(-5.0, 5.0, 64)
+    step = jax.jit(lambda z, key: act(z, key=key))
+    key = jax.random.key(3)
+    hlo = step.lower(z, key).compile().as_text()
+    assert hlo.count("conditional(") >= 2  # coordinates, draws
+    sample = jax.jit(lambda z, key: _thermal_sample(act.table, z, key, True))
+    spec = (jax.ShapeDtypeStruct(z.shape, z.dtype), jax.eval_shape(lambda: key))
+    for platform, barrier in (("cpu", True), ("cuda", False)):
+        text = jax.export.export(sample, platforms=[platform])(*spec).mlir_module()
+        assert ("optimization_barrier" in text) == barrier, platform
+
+    grid = act.grid
+    for a, b in zip(jax.jit(grid.locate)(z), grid._locate(z), strict=True):
+        np.testing.assert_array_equal(a, b)
+    f = lambda x: jnp.sin(x) * jnp.log1p(x * x)  # noqa: E731
+    g = lambda x: jnp.sum(own_kernel(f, x) ** 2)  # noqa: E731
+    np.testing.assert_allclose(
+        jax.jit(jax.grad(g))(z), jax.grad(lambda x: jnp.sum(f(x) ** 2))(z), rtol=1e-6
+    )
+    np.testing.assert_array_equal(
+        jax.vmap(lambda x: own_kernel(f, x))(z.reshape(8, 8)), jax.vmap(f)(z.reshape(8, 8))
+    )
+
+
 @pytest.mark.parametrize("per_neuron", [False, True])
 def test_table_interpolation_by_scalar_gathers_matches_the_cubic_in_value_and_derivatives(
     per_neuron,

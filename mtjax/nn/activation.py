@@ -123,6 +123,24 @@ DEFAULT_CHUNK = 0
 THERMAL_STD_LIMIT = 0.25
 
 
+def own_kernel(fn, *args):
+    """`fn(*args)`, on XLA CPU computed by a kernel of its own instead of inside its consumers.
+
+    XLA CPU fuses elementwise producers into their consumers; a consumer that gathers (a
+    table lookup) is a scalar loop, so fused math (log, sqrt, polynomials) runs there
+    unvectorized, once per consumer. A conditional whose predicate the compiler cannot see
+    is a fusion boundary (both branches are `fn`, so the value never depends on it). For
+    the thermal draws and the table coordinates: 784-256-10 training step with thermal
+    neurons 1.80x -> 1.38x tanh, table 1.22x -> 1.18x (one core, same-run A/B). Other
+    platforms (GPU gathers are cheap) compute `fn(*args)` as it is."""
+
+    def cpu(*a):
+        opaque = jax.lax.optimization_barrier(jnp.bool_(True))
+        return jax.lax.cond(opaque, fn, fn, *a)
+
+    return jax.lax.platform_dependent(*args, cpu=cpu, default=fn)
+
+
 class TableGrid(eqx.Module):
     """Nodes of the response tables: z_i = z0 sinh(s_i) with s uniform on [-S, S],
     S = asinh(z_max / z0).
@@ -170,6 +188,9 @@ class TableGrid(eqx.Module):
 
     def locate(self, z: Array) -> tuple[Array, Array]:
         """Interval index and local coordinate t in [0, 1] of each z (|z| <= z_max)."""
+        return own_kernel(self._locate, z)
+
+    def _locate(self, z: Array) -> tuple[Array, Array]:
         a = jnp.abs(z) / self.z0  # asinh by its log form: cheaper than jnp.arcsinh on CPU
         s = jnp.where(z < 0, -1.0, 1.0) * jnp.log(a + jnp.sqrt(1.0 + a * a))
         pos = (s + self.s_max) / self.ds
@@ -653,7 +674,7 @@ def _thermal_sample(table: ResponseTable, z: Array, key, with_p2: bool):
     # co-design) then scatters 2 curves per evaluation instead of 5 (the step ~20 % faster).
     coef, grid = table.coef, table.grid
     where = grid.locate(z)
-    e = normals(key, (2, *z.shape), z.dtype)
+    e = own_kernel(lambda k: normals(k, (2, *z.shape), z.dtype), key)
     mean1, l11 = hermite_curves(coef, grid, z, (2, 4), where)
     p1 = mean1 + jnp.maximum(l11, 0.0) * e[0]
     if not with_p2:
