@@ -131,7 +131,7 @@ def own_kernel(fn, *args):
     unvectorized, once per consumer. A conditional whose predicate the compiler cannot see
     is a fusion boundary (both branches are `fn`, so the value never depends on it). For
     the thermal draws and the table coordinates: 784-256-10 training step with thermal
-    neurons 1.80x -> 1.38x tanh, table 1.22x -> 1.18x (one core, same-run A/B). Other
+    neurons 1.79x -> 1.34x tanh, table 1.19x -> 1.15x (one core, same-run A/B). Other
     platforms (GPU gathers are cheap) compute `fn(*args)` as it is."""
 
     def cpu(*a):
@@ -669,7 +669,8 @@ def _device_projections(cfg: _Config, dev, z: Array, sde_key, with_p2: bool):
 def _thermal_sample(table: ResponseTable, z: Array, key, with_p2: bool):
     """One correlated Gaussian draw of both read-outs from the sampling curves of a thermal
     table: (m.p1, m.p2) = mean + L e, e from `mtjax.draws.normals(key, (2, *z.shape))`
-    (m.p2 None if not `with_p2`; m.p1 is the same either way)."""
+    (m.p2 None if not `with_p2`; m.p1 is the same either way). Not clipped: near
+    saturation a draw can pass |m.p| = 1 slightly (README, "The draws are Gaussian")."""
     # m.p1's two curves are gathered apart from m.p2's: a gradient reaching the table (live
     # co-design) then scatters 2 curves per evaluation instead of 5 (the step ~20 % faster).
     coef, grid = table.coef, table.grid
